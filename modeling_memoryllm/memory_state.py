@@ -1,0 +1,268 @@
+"""`MemoryState`: the memory pool of one user or session, as explicit state saved apart from the weights."""
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from .configuration_memoryllm import MemoryLLMConfig
+
+
+FORMAT = "memoryllm-memory-state"
+FORMAT_VERSION = "1"
+# Provenance id of rows that were in the memory before any injection into this state (e.g. a checkpoint's memory).
+INITIAL_ROWS = 0
+
+
+def config_fingerprint(config: MemoryLLMConfig) -> dict[str, int]:
+    """The config numbers that a memory must agree with to be read by a model."""
+    return {
+        "num_hidden_layers": config.num_hidden_layers,
+        "memory_rows": config.memory_rows,
+        "hidden_size": config.hidden_size,
+        "num_tokens": config.num_tokens,
+        "num_blocks": config.num_blocks,
+        "vocab_size": config.vocab_size,
+    }
+
+
+def drop_count(config: MemoryLLMConfig, new_rows: int) -> int:
+    """Rows dropped by an update of `new_rows` rows into an initialised memory (the released rule)."""
+    if new_rows == config.num_tokens:
+        return int(config.memory_rows * (1 / config.num_blocks))
+    return new_rows
+
+
+@dataclass
+class MemoryUpdate:
+    """The result of one update, not yet committed to a state."""
+
+    memory: torch.Tensor  # [L, M, d]
+    provenance: torch.Tensor  # [L, M] int64, CPU
+
+
+def kept_row_indices(config: MemoryLLMConfig, keep: int, generator: torch.Generator | None) -> torch.Tensor:
+    """Ascending indices of the rows that survive an update: `[L, keep]` per layer, or `[keep]` shared."""
+    draws = config.num_hidden_layers if config.drop_memory_per_layer else 1
+    rows = [torch.randperm(config.memory_rows, generator=generator)[:keep].sort().values for _ in range(draws)]
+    return torch.stack(rows) if config.drop_memory_per_layer else rows[0]
+
+
+def compute_update(
+    memory: torch.Tensor,  # [L, M, d]
+    provenance: torch.Tensor,  # [L, M]
+    initialized: bool,
+    delta: torch.Tensor,  # [L, T', d]
+    injection_id: int,
+    config: MemoryLLMConfig,
+    generator: torch.Generator | None = None,
+) -> MemoryUpdate:
+    """The memory after writing `delta`: tiling when uninitialised, else random drop plus append."""
+    num_layers, num_rows, _ = memory.shape
+    new_rows = delta.shape[1]
+    delta = delta.to(device=memory.device, dtype=memory.dtype)
+    new_ids = torch.full((num_layers, new_rows), injection_id, dtype=torch.long)
+    if not initialized:
+        if new_rows >= num_rows:
+            return MemoryUpdate(delta[:, -num_rows:].clone(), new_ids[:, -num_rows:].clone())
+        copies, remainder = divmod(num_rows, new_rows)
+        tiled = [delta] * copies + ([delta[:, new_rows - remainder :]] if remainder else [])
+        return MemoryUpdate(torch.cat(tiled, dim=1), new_ids[:, :1].expand(num_layers, num_rows).clone())
+    if new_rows > num_rows:
+        raise ValueError(f"A delta of {new_rows} rows does not fit a memory of {num_rows} rows per layer.")
+    keep = num_rows - drop_count(config, new_rows)
+    kept = kept_row_indices(config, keep, generator)  # [L, keep] or [keep]
+    if kept.dim() == 1:
+        kept_memory, kept_ids = memory[:, kept.to(memory.device)], provenance[:, kept]
+    else:
+        index = kept.to(memory.device).unsqueeze(-1).expand(-1, -1, memory.shape[-1])
+        kept_memory, kept_ids = memory.gather(1, index), provenance.gather(1, kept)
+    return MemoryUpdate(torch.cat([kept_memory, delta], dim=1), torch.cat([kept_ids, new_ids], dim=1))
+
+
+class MemoryState:
+    """
+    The memory pool that a MemoryLLM reads and writes, kept apart from the model weights.
+
+    Attributes:
+        memory (`torch.Tensor` of shape `[num_layers, memory_rows, hidden_size]`): the memory rows.
+        initialized (`bool`): whether anything was written (an uninitialised memory is not read).
+        provenance (`torch.Tensor` of shape `[num_layers, memory_rows]`, int64, CPU): for every row, the number of
+            the injection that wrote it (1 for the first injection into this state; 0 for rows it started with).
+        injections (`int`): how many injections this state has absorbed.
+        version (`int`): changes whenever the memory changes; caches derived from the memory are keyed on it.
+
+    One model can serve many states: pass `memory=state` to `inject`, `forward` and `generate`. A state is
+    updated in place (its tensors keep their storage), so a state bound to a model's own `memory` parameter
+    keeps that parameter current.
+    """
+
+    def __init__(
+        self,
+        memory: torch.Tensor,
+        initialized: bool | torch.Tensor = False,
+        provenance: torch.Tensor | None = None,
+        injections: int = 0,
+    ):
+        if memory.dim() != 3:
+            raise ValueError(f"memory must be [num_layers, memory_rows, hidden_size], got {tuple(memory.shape)}")
+        self.memory = memory
+        # A 0-dim uint8 flag; for a model's own state this is the model's `initialized` buffer itself.
+        self._initialized_flag = (
+            initialized
+            if isinstance(initialized, torch.Tensor)
+            else torch.tensor(int(initialized), dtype=torch.uint8, device=memory.device)
+        )
+        if provenance is None:
+            provenance = torch.full(memory.shape[:2], INITIAL_ROWS, dtype=torch.long)
+        if provenance.shape != memory.shape[:2]:
+            raise ValueError(f"provenance must be {tuple(memory.shape[:2])}, got {tuple(provenance.shape)}")
+        self.provenance = provenance.to(device="cpu", dtype=torch.long)
+        self.injections = int(injections)
+        self.version = 0
+        self._prefix_cache = None  # derived from memory; see MemoryLLMForCausalLM
+
+    @classmethod
+    def empty(cls, config: MemoryLLMConfig, device=None, dtype=torch.float32) -> "MemoryState":
+        """An uninitialised memory of the shape that `config` asks for."""
+        shape = (config.num_hidden_layers, config.memory_rows, config.hidden_size)
+        return cls(torch.zeros(shape, device=device, dtype=dtype))
+
+    @property
+    def initialized(self) -> bool:
+        return bool(self._initialized_flag.item())
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.memory.shape
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the memory rows (the provenance adds 8 bytes per row)."""
+        return self.memory.numel() * self.memory.element_size()
+
+    def __repr__(self) -> str:
+        return (
+            f"MemoryState(shape={tuple(self.memory.shape)}, dtype={self.memory.dtype}, device={self.memory.device}, "
+            f"initialized={self.initialized}, injections={self.injections})"
+        )
+
+    def mark_changed(self) -> None:
+        """Call after changing `memory` in place by hand, so that cached prefixes are recomputed."""
+        self.version += 1
+        self._prefix_cache = None
+
+    def commit(self, update: MemoryUpdate, injections: int) -> None:
+        """Write an update into this state's own tensors, in place."""
+        with torch.no_grad():
+            self.memory.copy_(update.memory)
+            self._initialized_flag.fill_(1)
+        self.provenance.copy_(update.provenance)
+        self.injections = injections
+        self.mark_changed()
+
+    def assign(self, memory: torch.Tensor, initialized: bool = True) -> None:
+        """Overwrite the memory rows (e.g. with a checkpoint's memory); provenance restarts."""
+        if memory.shape != self.memory.shape:
+            raise ValueError(f"memory must be {tuple(self.memory.shape)}, got {tuple(memory.shape)}")
+        with torch.no_grad():
+            self.memory.copy_(memory)
+            self._initialized_flag.fill_(int(initialized))
+        self.provenance.fill_(INITIAL_ROWS)
+        self.injections = 0
+        self.mark_changed()
+
+    def reset(self) -> None:
+        """Forget everything: zero rows, uninitialised, no injections."""
+        self.assign(torch.zeros_like(self.memory), initialized=False)
+
+    def clone(self) -> "MemoryState":
+        copy = MemoryState(self.memory.detach().clone(), self.initialized, self.provenance.clone(), self.injections)
+        return copy
+
+    def to(self, device=None, dtype=None) -> "MemoryState":
+        """A copy on another device or dtype (e.g. CPU while the model is on GPU)."""
+        memory = self.memory.detach().to(device=device, dtype=dtype, copy=True)
+        return MemoryState(memory, self.initialized, self.provenance.clone(), self.injections)
+
+    def provenance_summary(self) -> dict[int, int]:
+        """Rows per injection number, over all layers: `{injection: rows}`."""
+        ids, counts = self.provenance.unique(return_counts=True)
+        return {int(i): int(c) for i, c in zip(ids, counts)}
+
+    def save(self, path: str | os.PathLike, config: MemoryLLMConfig | None = None) -> None:
+        """Save with safetensors, atomically: a temporary file in the same folder, then a rename."""
+        metadata = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "initialized": str(int(self.initialized)),
+            "injections": str(self.injections),
+        }
+        if config is not None:
+            metadata["config"] = json.dumps(config_fingerprint(config), sort_keys=True)
+        tensors = {"memory": self.memory.detach().contiguous().cpu(), "provenance": self.provenance.contiguous()}
+        path = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(path))
+        handle, tmp_path = tempfile.mkstemp(prefix=".memory-", suffix=".tmp", dir=folder)
+        os.close(handle)
+        try:
+            save_file(tensors, tmp_path, metadata=metadata)
+            os.replace(tmp_path, path)
+        except BaseException:
+            if os.path.exists(tmp_path):
+                os.remove(tmp_path)
+            raise
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike, config: MemoryLLMConfig | None = None, device=None, dtype=None
+    ) -> "MemoryState":
+        """Load a state saved by `save`, checked against `config` when given. Never unpickles anything."""
+        tensors, metadata = _read_safetensors(path)
+        if metadata.get("format") != FORMAT:
+            raise ValueError(f"{path}: not a MemoryLLM memory file (format={metadata.get('format')!r}).")
+        if set(tensors) != {"memory", "provenance"}:
+            raise ValueError(f"{path}: expected tensors 'memory' and 'provenance', found {sorted(tensors)}.")
+        memory, provenance = tensors["memory"], tensors["provenance"]
+        if memory.dim() != 3 or provenance.shape != memory.shape[:2] or not memory.is_floating_point():
+            raise ValueError(f"{path}: inconsistent shapes {tuple(memory.shape)} / {tuple(provenance.shape)}.")
+        if config is not None:
+            _check_against_config(path, memory, metadata, config)
+        if not torch.isfinite(memory).all():
+            raise ValueError(f"{path}: the memory holds NaN or Inf values.")
+        try:
+            initialized, injections = bool(int(metadata["initialized"])), int(metadata["injections"])
+        except (KeyError, ValueError) as error:
+            raise ValueError(f"{path}: bad metadata {metadata!r}.") from error
+        memory = memory.to(device=device, dtype=dtype or memory.dtype)
+        return cls(memory, initialized, provenance, injections)
+
+
+def _read_safetensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
+        with safe_open(os.fspath(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        return load_file(os.fspath(path)), metadata
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # safetensors raises several types for damaged files
+        raise ValueError(f"{path}: not a readable safetensors file ({error}).") from error
+
+
+def _check_against_config(path, memory: torch.Tensor, metadata: dict[str, str], config: MemoryLLMConfig) -> None:
+    expected = (config.num_hidden_layers, config.memory_rows, config.hidden_size)
+    if tuple(memory.shape) != expected:
+        raise ValueError(
+            f"{path}: memory of shape {tuple(memory.shape)} does not fit this model, which needs {expected} "
+            "(layers, memory rows, hidden size): it was made for a different model."
+        )
+    saved = metadata.get("config")
+    if saved is not None and json.loads(saved) != config_fingerprint(config):
+        raise ValueError(f"{path}: made for a different model config ({saved}).")
+
+
+__all__ = ["MemoryState", "MemoryUpdate", "compute_update", "config_fingerprint"]
