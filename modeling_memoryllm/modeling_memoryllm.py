@@ -452,7 +452,8 @@ class MemoryLLMForCausalLM(MemoryLLMPreTrainedModel, LlamaForCausalLM):
         Strings use `model.tokenizer` (no special tokens). Text longer than `config.max_inject_length` tokens is
         injected chunk by chunk, in order. With one state, several inputs are injected one after the other; with
         `memory=[s1, s2, ...]`, input `i` goes into state `i` and the inputs run batched. `generator` drives the
-        random drop (default: torch's global generator). On any error no state changes.
+        random drop (default: torch's global generator); a list gives one generator per state, which makes a
+        batched injection equal to injecting each input alone. On any error no state changes.
         """
         multiple = isinstance(memory, (list, tuple))
         states = list(memory) if multiple else [memory if memory is not None else self.memory_state]
@@ -503,7 +504,8 @@ class MemoryLLMForCausalLM(MemoryLLMPreTrainedModel, LlamaForCausalLM):
             input_ids[row, longest - len(ids) :] = torch.tensor(ids, device=device)
             attention_mask[row, longest - len(ids) :] = 1
         states = [working[index] for index, _ in group]
-        delta, _ = self._injection_pass(input_ids, states, attention_mask)
+        padded = bool((attention_mask == 0).any())  # only rows of >= N tokens are grouped with padding
+        delta, _ = self._injection_pass(input_ids, states, attention_mask if padded else None)
         for row, (index, _) in enumerate(group):
             state = working[index]
             update = compute_update(
@@ -513,7 +515,7 @@ class MemoryLLMForCausalLM(MemoryLLMPreTrainedModel, LlamaForCausalLM):
                 delta[row],
                 state.injections + 1,
                 self.config,
-                generator,
+                generator[index] if isinstance(generator, (list, tuple)) else generator,
             )
             working[index] = MemoryState(update.memory, True, update.provenance, state.injections + 1)
 

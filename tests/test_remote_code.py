@@ -1,0 +1,99 @@
+"""`save_pretrained` writes a folder that loads with `trust_remote_code=True` where the package is not importable."""
+
+import ast
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import load_golden
+
+
+REMOTE_CHECK = r"""
+import sys
+sys.modules["modeling_memoryllm"] = None  # the package itself must not be importable
+import json, torch
+from safetensors.torch import load_file
+from transformers import AutoModel, AutoModelForCausalLM
+folder, fixtures_path = sys.argv[1], sys.argv[2]
+fixtures = load_file(fixtures_path)
+results = {}
+for auto in (AutoModelForCausalLM, AutoModel):
+    model = auto.from_pretrained(folder, trust_remote_code=True).eval()
+    with torch.no_grad():
+        logits = model(fixtures["input.query_d"]).logits
+        results[auto.__name__] = {
+            "class": type(model).__name__,
+            "module": type(model).__module__,
+            "d_error": float((logits - fixtures["d.logits"]).abs().max()),
+        }
+        model.inject(fixtures["input.ctx_b"])
+        results[auto.__name__]["generated"] = model.generate(fixtures["input.prompt_e"], max_new_tokens=3).shape[1]
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def saved_folder(tmp_path_factory) -> pathlib.Path:
+    folder = tmp_path_factory.mktemp("hub_folder")
+    load_golden().save_pretrained(folder)
+    return folder
+
+
+def test_saved_folder_layout(saved_folder):
+    config = json.loads((saved_folder / "config.json").read_text())
+    assert config["model_type"] == "memoryllm"
+    assert config["auto_map"]["AutoModel"] == "modeling_memoryllm.MemoryLLMForCausalLM"
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_memoryllm.MemoryLLMForCausalLM"
+    assert "num_memory_tokens" not in config  # derived numbers are not stored
+    assert (saved_folder / "model.safetensors").exists()
+    for name in ("configuration_memoryllm.py", "modeling_memoryllm.py", "memory_state.py", "cache_memoryllm.py"):
+        assert (saved_folder / name).exists(), name
+
+
+def test_remote_code_files_import_only_allowed_modules(saved_folder):
+    allowed = {"torch", "transformers", "safetensors"}
+    stdlib = set(sys.stdlib_module_names)
+    for path in saved_folder.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                assert node.level == 1, f"{path.name}: only single-dot relative imports"
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
+                for name in names:
+                    top = name.split(".")[0]
+                    assert top in allowed or top in stdlib, f"{path.name} imports {name}"
+
+
+def test_fresh_process_loads_with_trust_remote_code(saved_folder, golden_dir, tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    fixtures = str(golden_dir / "fixtures.safetensors")
+    completed = subprocess.run(
+        [sys.executable, "-c", REMOTE_CHECK, str(saved_folder), fixtures],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    results = json.loads(completed.stdout.strip().splitlines()[-1])
+    for auto_name in ("AutoModelForCausalLM", "AutoModel"):
+        result = results[auto_name]
+        assert result["class"] == "MemoryLLMForCausalLM"
+        assert result["module"].startswith("transformers_modules")
+        assert result["d_error"] < 1e-4
+        assert result["generated"] == 8
+
+
+@torch.no_grad()
+def test_bfloat16_round_trip(saved_folder):
+    from modeling_memoryllm import MemoryLLMForCausalLM
+
+    model = MemoryLLMForCausalLM.from_pretrained(saved_folder, dtype=torch.bfloat16)
+    assert model.memory.dtype == torch.bfloat16
+    assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
