@@ -15,7 +15,7 @@ from contextvars import ContextVar
 
 import torch
 from torch import nn
-from transformers import AutoTokenizer, initialization
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, initialization
 from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask
 from transformers.models.llama.modeling_llama import LlamaForCausalLM, LlamaModel, LlamaPreTrainedModel, rotate_half
@@ -40,6 +40,16 @@ REMOTE_CODE_FILES = (
     "memory_state.py",
     "cache_memoryllm.py",
 )
+
+# LoRA used by `from_backbone` unless told otherwise: rank 8 on the projections the released models adapt.
+DEFAULT_LORA = {
+    "r": 8,
+    "lora_alpha": 16,
+    "lora_dropout": 0.0,
+    "target_modules": ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"],
+}
+# Backbone config keys that do not carry over to a MemoryLLM config.
+BACKBONE_ONLY_KEYS = {"model_type", "architectures", "auto_map", "transformers_version", "_name_or_path", "dtype"}
 
 _ACTIVE_ADAPTER: ContextVar[str | None] = ContextVar("memoryllm_active_adapter", default=None)
 
@@ -102,12 +112,14 @@ class MemoryLLMPreTrainedModel(LlamaPreTrainedModel):
     _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
 
     def _init_weights(self, module: nn.Module) -> None:
-        super()._init_weights(module)
-        if getattr(module, "lora_role", None) == "B":
+        role = getattr(module, "lora_role", None)
+        if role == "B":  # before the generic Linear init, which would mark the weight initialised
             initialization.zeros_(module.weight)
-        elif getattr(module, "lora_role", None) == "A":
+        elif role == "A":
             initialization.kaiming_uniform_(module.weight, a=5**0.5)
-        elif isinstance(module, MemoryLLMForCausalLM):
+        else:
+            super()._init_weights(module)
+        if isinstance(module, MemoryLLMForCausalLM):
             std = self.config.initializer_range
             initialization.normal_(module.memory, mean=0.0, std=std)
             initialization.zeros_(module.new_memory_positional_emb)
@@ -116,7 +128,7 @@ class MemoryLLMPreTrainedModel(LlamaPreTrainedModel):
             initialization.zeros_(module.initialized)
 
 
-class MemoryLLMModel(LlamaModel):
+class MemoryLLMModel(MemoryLLMPreTrainedModel, LlamaModel):
     """`LlamaModel` whose LoRA target projections are `LoraLinear` modules (PEFT's names, so released weights load)."""
 
     config_class = MemoryLLMConfig
@@ -589,6 +601,70 @@ class MemoryLLMForCausalLM(MemoryLLMPreTrainedModel, LlamaForCausalLM):
         self._token_lists(input_ids)
         return input_ids.to(self.model.embed_tokens.weight.device)
 
+    # -------------------------------------------------------------------------------------------------- backbones
+    @classmethod
+    def from_backbone(
+        cls,
+        backbone,
+        *,
+        num_tokens: int = 256,
+        num_blocks: int = 8,
+        memory_write_rule: str = "input",
+        lora_config: dict | None = DEFAULT_LORA,
+        tokenizer=None,
+        dtype: torch.dtype | None = None,
+        **memory_options,
+    ) -> "MemoryLLMForCausalLM":
+        """
+        Turn a Llama-family causal LM into a MemoryLLM with an empty memory and fresh (no-op) LoRA adapters.
+
+        `backbone`: a loaded model, a transformers folder or Hub id, or a `.gguf` file (dequantized on load).
+        The default `memory_write_rule="input"` is the training-free mode; use `"output"` (the released rule)
+        to train adapters. Each layer's `bos_embedding` starts as the backbone's hidden state of its BOS token
+        at that layer, so the prefix `[bos, memory]` reads like a real KV cache that starts with BOS.
+        Other keyword arguments are `MemoryLLMConfig` memory options (e.g. `max_inject_length`).
+        """
+        backbone, source = _load_backbone(backbone, dtype)
+        options = {k: v for k, v in backbone.config.to_dict().items() if k not in BACKBONE_ONLY_KEYS}
+        memory_options.setdefault("max_inject_length", num_tokens if memory_write_rule == "input" else 512)
+        config = MemoryLLMConfig(
+            **options,
+            num_tokens=num_tokens,
+            num_blocks=num_blocks,
+            memory_write_rule=memory_write_rule,
+            lora_config=lora_config,
+            **memory_options,
+        )
+        model = cls(config).to(dtype=backbone.dtype, device=backbone.device)
+        model._copy_backbone_weights(backbone)
+        model.eval()
+        if tokenizer is None and source is not None:
+            tokenizer = _load_backbone_tokenizer(source)
+        model.tokenizer = tokenizer
+        return model
+
+    @torch.no_grad()
+    def _copy_backbone_weights(self, backbone: PreTrainedModel) -> None:
+        own = self.state_dict()
+        weights = {}
+        for name, tensor in backbone.state_dict().items():
+            lora_name = name.replace(".weight", ".base_layer.weight")
+            target = name if name in own else lora_name if lora_name in own else None
+            if target is None:
+                raise ValueError(f"Backbone weight {name!r} has no place in a MemoryLLM: is it a Llama model?")
+            weights[target] = tensor
+        missing = [k for k in own if k not in weights and not _is_memory_parameter(k)]
+        if missing and not (self.config.tie_word_embeddings and missing == ["lm_head.weight"]):
+            raise ValueError(f"The backbone lacks weights: {missing[:5]}")
+        self.load_state_dict(weights, strict=False)
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        bos_id = self.config.bos_token_id if self.config.bos_token_id is not None else 0
+        if self.bos_embedding is not None:
+            hidden = backbone(torch.tensor([[bos_id]], device=backbone.device), output_hidden_states=True)
+            self.bos_embedding.copy_(torch.stack([h[0] for h in hidden.hidden_states[:-1]]))  # inputs of layers
+        self.memory_state.reset()
+
     # ---------------------------------------------------------------------------------------------------- saving
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
         """`PreTrainedModel.save_pretrained`, plus the remote-code files and an `auto_map` for `trust_remote_code`."""
@@ -603,6 +679,37 @@ class MemoryLLMForCausalLM(MemoryLLMPreTrainedModel, LlamaForCausalLM):
         for name in REMOTE_CODE_FILES:
             shutil.copyfile(os.path.join(here, name), os.path.join(save_directory, name))
         return result
+
+
+def _is_memory_parameter(name: str) -> bool:
+    """Parameters a backbone does not have: memory, bos rows, `e`, the flag, and LoRA adapters."""
+    top = name in ("memory", "bos_embedding", "new_memory_positional_emb", "initialized")
+    return top or ".lora_A." in name or ".lora_B." in name
+
+
+def _load_backbone(backbone, dtype):
+    """A loaded backbone and where it came from (for its tokenizer)."""
+    if isinstance(backbone, PreTrainedModel):
+        return (backbone.to(dtype) if dtype else backbone), backbone.name_or_path or None
+    source = os.fspath(backbone)
+    kwargs = {"dtype": dtype} if dtype else {}
+    if source.endswith(".gguf"):
+        folder, name = os.path.split(os.path.abspath(source))
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    return model.eval(), source
+
+
+def _load_backbone_tokenizer(source: str):
+    try:
+        if source.endswith(".gguf"):
+            folder, name = os.path.split(os.path.abspath(source))
+            return AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError):
+        logger.warning("No tokenizer found for %s: set `model.tokenizer` before injecting strings.", source)
+        return None
 
 
 __all__ = [

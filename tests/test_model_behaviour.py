@@ -170,3 +170,17 @@ def test_half_precision_runs(dtype):
     output = model.generate(ids([3, 4, 5]), memory=state, max_new_tokens=3, do_sample=False)
     assert output.shape == (1, 6)
     assert torch.isfinite(model(ids([3, 4, 5]), memory=state).logits).all()
+
+
+@torch.no_grad()
+def test_fresh_adapters_change_nothing():
+    from tests.tiny import tiny_config
+
+    with_lora = MemoryLLMForCausalLM(tiny_config()).eval()
+    for name, param in with_lora.named_parameters():
+        if ".lora_B." in name:
+            assert param.abs().max() == 0, name
+        if ".lora_A." in name:
+            assert param.abs().max() > 0, name
+    assert with_lora.new_memory_positional_emb.abs().max() == 0
+    assert not with_lora.memory_state.initialized
