@@ -19,9 +19,17 @@ class SharedPrefix:
     never written); every other cache gets a private copy. The lease ends when the leasing cache is collected.
     """
 
-    def __init__(self, key: tuple, keys: list[torch.Tensor], values: list[torch.Tensor], spare: int = SPARE_ROWS):
+    def __init__(
+        self,
+        key: tuple | None,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+        spare: int = SPARE_ROWS,
+        written: torch.Tensor | None = None,
+    ):
         self.key = key
         self.length = keys[0].shape[-2]  # P
+        self.written = written  # [P] bool: prefix rows that may be attended to; None: all of them
         self.key_buffers = [_with_spare(k, spare) for k in keys]  # each [1, Hkv, P + spare, hd]
         self.value_buffers = [_with_spare(v, spare) for v in values]
         self._lease = threading.Lock()
@@ -131,6 +139,7 @@ class MemoryPrefixCache(DynamicCache):
         super().__init__()
         self.layer_class_to_replicate = PrefixLayer
         self.memory_prefix_length = 0
+        self.memory_prefix_written: torch.Tensor | None = None  # [B, P] bool, or None when every row is read
 
     def attach_prefix(self, prefixes: list[SharedPrefix], batch_size: int) -> None:
         """Start every layer with the prefix of `prefixes[i]` in batch row `i` (one prefix: every row)."""
@@ -144,6 +153,15 @@ class MemoryPrefixCache(DynamicCache):
                 layer.attach(*_private_buffers([p.layer(idx) for p in prefixes], batch_size), prefixes[0].length)
             self.layers.append(layer)
         self.memory_prefix_length = prefixes[0].length
+        self.memory_prefix_written = written_mask(prefixes, batch_size)
+
+
+def written_mask(prefixes: list[SharedPrefix], batch_size: int) -> torch.Tensor | None:
+    """`[B, P]` bool of the prefix rows each batch row may attend to, or `None` when it may attend to all."""
+    if all(p.written is None for p in prefixes):
+        return None
+    rows = [p.written if p.written is not None else torch.ones(p.length, dtype=torch.bool) for p in prefixes]
+    return torch.stack(rows).expand(batch_size, -1)
 
 
 def _private_buffers(rows: list[tuple[torch.Tensor, torch.Tensor]], batch_size: int):
@@ -153,4 +171,4 @@ def _private_buffers(rows: list[tuple[torch.Tensor, torch.Tensor]], batch_size: 
     return _with_spare(keys, SPARE_ROWS), _with_spare(values, SPARE_ROWS)
 
 
-__all__ = ["MemoryPrefixCache", "PrefixLayer", "SharedPrefix"]
+__all__ = ["MemoryPrefixCache", "PrefixLayer", "SharedPrefix", "written_mask"]

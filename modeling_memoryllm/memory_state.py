@@ -16,6 +16,8 @@ FORMAT = "memoryllm-memory-state"
 FORMAT_VERSION = "1"
 # Provenance id of rows that were in the memory before any injection into this state (e.g. a checkpoint's memory).
 INITIAL_ROWS = 0
+# Provenance id of rows never written. The training-free ("input") rule fills these first and never reads them.
+EMPTY_ROWS = -1
 
 
 def config_fingerprint(config: MemoryLLMConfig) -> dict[str, int]:
@@ -66,6 +68,8 @@ def compute_update(
     new_rows = delta.shape[1]
     delta = delta.to(device=memory.device, dtype=memory.dtype)
     new_ids = torch.full((num_layers, new_rows), injection_id, dtype=torch.long)
+    if config.memory_write_rule == "input":
+        return _fill_then_evict(memory, provenance, delta, new_ids, config, generator)
     if not initialized:
         if new_rows >= num_rows:
             return MemoryUpdate(delta[:, -num_rows:].clone(), new_ids[:, -num_rows:].clone())
@@ -76,12 +80,38 @@ def compute_update(
         raise ValueError(f"A delta of {new_rows} rows does not fit a memory of {num_rows} rows per layer.")
     keep = num_rows - drop_count(config, new_rows)
     kept = kept_row_indices(config, keep, generator)  # [L, keep] or [keep]
+    return _keep_and_append(memory, provenance, kept, delta, new_ids)
+
+
+def _keep_and_append(memory, provenance, kept: torch.Tensor, delta, new_ids) -> MemoryUpdate:
+    """`[memory rows at kept (ascending); delta]`, with `kept` shared `[keep]` or per layer `[L, keep]`."""
     if kept.dim() == 1:
         kept_memory, kept_ids = memory[:, kept.to(memory.device)], provenance[:, kept]
     else:
         index = kept.to(memory.device).unsqueeze(-1).expand(-1, -1, memory.shape[-1])
         kept_memory, kept_ids = memory.gather(1, index), provenance.gather(1, kept)
     return MemoryUpdate(torch.cat([kept_memory, delta], dim=1), torch.cat([kept_ids, new_ids], dim=1))
+
+
+def _fill_then_evict(memory, provenance, delta, new_ids, config: MemoryLLMConfig, generator) -> MemoryUpdate:
+    """The training-free rule's update: new rows replace never-written rows first (the first ones, the same in every
+    layer, so that which rows are empty never depends on the layer); once the memory is full, random old rows go,
+    as in the released rule. Rows keep their order; new rows are appended."""
+    num_rows, new_rows = memory.shape[1], min(delta.shape[1], memory.shape[1])
+    delta, new_ids = delta[:, -new_rows:], new_ids[:, -new_rows:]
+    empty = (provenance[0] == EMPTY_ROWS).nonzero().squeeze(1)
+    written = (provenance[0] != EMPTY_ROWS).nonzero().squeeze(1)
+    keep_written = min(len(written), num_rows - new_rows)
+    keep_empty = num_rows - new_rows - keep_written
+    if keep_written == len(written):  # room enough: only never-written rows go
+        kept = torch.cat([written, empty[len(empty) - keep_empty :]]).sort().values
+        return _keep_and_append(memory, provenance, kept, delta, new_ids)
+    draws = config.num_hidden_layers if config.drop_memory_per_layer else 1
+    picks = [
+        written[torch.randperm(len(written), generator=generator)[:keep_written]].sort().values for _ in range(draws)
+    ]
+    kept = torch.stack(picks) if config.drop_memory_per_layer else picks[0]
+    return _keep_and_append(memory, provenance, kept, delta, new_ids)
 
 
 class MemoryState:
@@ -130,7 +160,13 @@ class MemoryState:
     def empty(cls, config: MemoryLLMConfig, device=None, dtype=torch.float32) -> "MemoryState":
         """An uninitialised memory of the shape that `config` asks for."""
         shape = (config.num_hidden_layers, config.memory_rows, config.hidden_size)
-        return cls(torch.zeros(shape, device=device, dtype=dtype))
+        provenance = torch.full(shape[:2], EMPTY_ROWS, dtype=torch.long)
+        return cls(torch.zeros(shape, device=device, dtype=dtype), provenance=provenance)
+
+    def written_rows(self, rows: slice = slice(None)) -> torch.Tensor | None:
+        """Which of `rows` hold something (`[R]` bool, the same for every layer); `None` when all do."""
+        written = self.provenance[0, rows] != EMPTY_ROWS
+        return None if bool(written.all()) else written
 
     @property
     def initialized(self) -> bool:
@@ -177,8 +213,9 @@ class MemoryState:
         self.mark_changed()
 
     def reset(self) -> None:
-        """Forget everything: zero rows, uninitialised, no injections."""
+        """Forget everything: zero rows, never written, uninitialised, no injections."""
         self.assign(torch.zeros_like(self.memory), initialized=False)
+        self.provenance.fill_(EMPTY_ROWS)
 
     def clone(self) -> "MemoryState":
         copy = MemoryState(self.memory.detach().clone(), self.initialized, self.provenance.clone(), self.injections)
@@ -190,7 +227,7 @@ class MemoryState:
         return MemoryState(memory, self.initialized, self.provenance.clone(), self.injections)
 
     def provenance_summary(self) -> dict[int, int]:
-        """Rows per injection number, over all layers: `{injection: rows}`."""
+        """Rows per injection number, over all layers: `{injection: rows}` (-1: never written, 0: initial rows)."""
         ids, counts = self.provenance.unique(return_counts=True)
         return {int(i): int(c) for i, c in zip(ids, counts)}
 

@@ -21,7 +21,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.models.llama.modeling_llama import LlamaForCausalLM, LlamaModel, LlamaPreTrainedModel, rotate_half
 from transformers.utils import logging
 
-from .cache_memoryllm import MemoryPrefixCache, SharedPrefix
+from .cache_memoryllm import MemoryPrefixCache, SharedPrefix, written_mask
 from .configuration_memoryllm import MemoryLLMConfig
 from .memory_state import MemoryState, MemoryUpdate, compute_update
 
@@ -173,12 +173,21 @@ def text_positions(attention_mask, past_length: int, prefix_length: int, query_l
     return prefix_length + counted[:, -query_length:].clamp(min=0)
 
 
-def prefixed_mask(attention_mask, prefix_length: int):
-    """A text mask `[B, T]` widened to the keys `[B, P + T]`; `None` when nothing is padded."""
-    if attention_mask is None or bool(attention_mask.all()):
+def prefixed_mask(attention_mask, cache, batch_size: int, text_length: int):
+    """
+    The key mask `[B, P + T]` for a text mask `[B, T]` (or `None`: no padding) and a cache that may start with a
+    memory prefix of `P` rows, some of which may be never-written rows that are not read. `None` when every key
+    is visible (then the attention needs no explicit mask).
+    """
+    prefix_length = getattr(cache, "memory_prefix_length", 0) if cache is not None else 0
+    written = getattr(cache, "memory_prefix_written", None) if cache is not None else None
+    text_padded = attention_mask is not None and not bool(attention_mask.all())
+    if written is None and not text_padded:
         return None
-    ones = attention_mask.new_ones(attention_mask.shape[0], prefix_length)
-    return torch.cat([ones, attention_mask], dim=1)
+    device = attention_mask.device if attention_mask is not None else written.device
+    text = attention_mask if attention_mask is not None else torch.ones(batch_size, text_length, device=device)
+    prefix = written if written is not None else torch.ones(batch_size, prefix_length, dtype=torch.bool)
+    return torch.cat([prefix.to(device=text.device, dtype=text.dtype).expand(batch_size, -1), text], dim=1)
 
 
 def pop_cache_argument(kwargs: dict) -> Cache | None:
@@ -288,10 +297,18 @@ class MemoryLLMForCausalLM(MemoryLLMPreTrainedModel, LlamaForCausalLM):
         if not self.training and cached is not None and cached.key == key:
             return cached
         with torch.set_grad_enabled(self.training and torch.is_grad_enabled()):
-            prefix = SharedPrefix(key, *self._prefix_key_values(state.memory, slice(None), adapter))
+            keys, values = self._prefix_key_values(state.memory, slice(None), adapter)
+        prefix = SharedPrefix(key, keys, values, written=self._written_prefix_rows(state, slice(None)))
         if not self.training:
             state._prefix_cache = prefix
         return prefix
+
+    def _written_prefix_rows(self, state: MemoryState, rows: slice) -> torch.Tensor | None:
+        """`[P]` bool: the bos row and the `rows` of memory that were written; `None` when all were."""
+        written = state.written_rows(rows)
+        if written is None or self.bos_embedding is None:
+            return written
+        return torch.cat([torch.ones(1, dtype=torch.bool), written])
 
     def _cache_with_prefix(self, cache, states: list[MemoryState], batch_size: int):
         """The cache to run with, holding the memory prefix when the memory is read; and the prefix length."""
@@ -309,6 +326,7 @@ class MemoryLLMForCausalLM(MemoryLLMPreTrainedModel, LlamaForCausalLM):
             values = torch.cat([p.layer(idx)[1] for p in prefixes]).expand(batch_size, -1, -1, -1)
             cache.update(keys, values, idx)
         cache.memory_prefix_length = prefixes[0].length
+        cache.memory_prefix_written = written_mask(prefixes, batch_size)
         return cache, prefixes[0].length
 
     # ---------------------------------------------------------------------------------------------------- reading
@@ -339,9 +357,10 @@ class MemoryLLMForCausalLM(MemoryLLMPreTrainedModel, LlamaForCausalLM):
             cache, prefix_length = self._cache_with_prefix(cache, states, batch_size)
             past_length = cache.get_seq_length() if cache is not None else 0
             positions = text_positions(attention_mask, past_length, prefix_length, query_length, tokens.device)
+            text_length = past_length - prefix_length + query_length
             outputs = super().forward(
                 input_ids=input_ids,
-                attention_mask=prefixed_mask(attention_mask, prefix_length) if prefix_length else attention_mask,
+                attention_mask=prefixed_mask(attention_mask, cache, batch_size, text_length),
                 position_ids=positions,
                 inputs_embeds=inputs_embeds,
                 labels=labels,
@@ -388,8 +407,11 @@ class MemoryLLMForCausalLM(MemoryLLMPreTrainedModel, LlamaForCausalLM):
         """Delta `[B, L, n, d]` and the last layer's text rows `[B, T, d]` of one injection pass."""
         config, (batch_size, length) = self.config, input_ids.shape
         initialized = states[0].initialized
-        num_new = config.num_tokens if initialized else min(config.num_tokens, length)
-        memory_queries = max(config.num_tokens - length, 0) if initialized else 0  # memory rows acting as queries
+        # The released rule always writes N rows: with short text, the last memory rows act as queries too.
+        # The training-free rule writes the text's own rows only.
+        released = initialized and config.memory_write_rule == "output"
+        num_new = config.num_tokens if released else min(config.num_tokens, length)
+        memory_queries = max(config.num_tokens - length, 0) if released else 0
         cache, prefix_length = None, 0
         if initialized:
             rows = slice(config.memory_rows - config.num_tokens, config.memory_rows - memory_queries)
@@ -404,7 +426,7 @@ class MemoryLLMForCausalLM(MemoryLLMPreTrainedModel, LlamaForCausalLM):
         mask = create_causal_mask(
             config=config,
             inputs_embeds=placeholder,
-            attention_mask=prefixed_mask(attention_mask, prefix_length) if initialized else attention_mask,
+            attention_mask=prefixed_mask(attention_mask, cache, batch_size, query_length),
             position_ids=positions,
             **{CACHE_KWARG: cache},
         )
@@ -427,7 +449,7 @@ class MemoryLLMForCausalLM(MemoryLLMPreTrainedModel, LlamaForCausalLM):
 
     def _injection_prefix(self, state: MemoryState, rows: slice, spare: int) -> SharedPrefix:
         keys, values = self._prefix_key_values(state.memory, rows, self.config.injection_adapter)
-        return SharedPrefix(None, keys, values, spare=spare)
+        return SharedPrefix(None, keys, values, spare=spare, written=self._written_prefix_rows(state, rows))
 
     def _injection_queries(self, hidden, states, idx: int, memory_queries: int, num_new: int) -> torch.Tensor:
         """Layer `idx`'s query rows `[B, S_q, d]`: memory rows that act as queries (short text), then the text;

@@ -52,10 +52,9 @@ def test_injected_passage_answers_questions(default_model):
     state = default_model.new_memory_state()
     default_model.inject(default.PASSAGE.read_text(), memory=state)
     assert state.injections == 2  # 307 tokens in chunks of 256
-    with_memory = cli.answer(default_model, state, "Who built the lighthouse on Varden Island?", 24)
-    without = cli.answer(default_model, None, "Who built the lighthouse on Varden Island?", 24)
-    assert "Brekke" in with_memory
-    assert "Brekke" not in without
+    question = "What was the name of the first keeper of the lighthouse?"
+    assert "Moravec" in cli.answer(default_model, state, question, 24)
+    assert "Moravec" not in cli.answer(default_model, None, question, 24)
 
 
 def test_cli_inject_then_ask(default_cache, tmp_path, capsys):
@@ -64,8 +63,9 @@ def test_cli_inject_then_ask(default_cache, tmp_path, capsys):
     assert memory.exists()
     assert cli.main(["inject", "--memory", str(memory), str(default.PASSAGE)]) == 0  # appends
     assert "injections=4" in capsys.readouterr().out
-    assert cli.main(["ask", "--memory", str(memory), "--max-new-tokens", "24", "Who built the lighthouse?"]) == 0
-    assert "Brekke" in capsys.readouterr().out
+    question = "What was the name of the first keeper of the lighthouse?"
+    assert cli.main(["ask", "--memory", str(memory), "--max-new-tokens", "24", question]) == 0
+    assert "Moravec" in capsys.readouterr().out
 
 
 def test_cli_chat_session(default_cache, tmp_path, monkeypatch, capsys):

@@ -184,3 +184,27 @@ def test_fresh_adapters_change_nothing():
             assert param.abs().max() > 0, name
     assert with_lora.new_memory_positional_emb.abs().max() == 0
     assert not with_lora.memory_state.initialized
+
+
+@torch.no_grad()
+def test_training_free_rule_fills_empty_rows_first_and_never_reads_them():
+    model = tiny_model(memory_write_rule="input")  # N=4, M=12
+    state = model.new_memory_state()
+    text = list(range(10, 16))  # 6 tokens: the rule writes the inputs of the last 4
+    delta = model.compute_delta(torch.tensor([text]), memory=state)
+    model.inject(text, memory=state)
+    assert state.provenance_summary() == {-1: 2 * 8, 1: 2 * 4}  # 2 layers: 8 empty rows, 4 written, per layer
+    assert_close(state.memory[:, -4:], delta[0])
+    query = ids([3, 4, 5])
+    logits = model(query, memory=state).logits
+    junk = state.clone()
+    junk.memory[:, :8] = torch.randn_like(junk.memory[:, :8]) * 10  # never-written rows: never read
+    junk.mark_changed()
+    assert_close(model(query, memory=junk).logits, logits)
+    for start in (20, 30):  # fills the two remaining blocks of empty rows
+        model.inject(list(range(start, start + 4)), memory=state)
+    assert -1 not in state.provenance_summary()
+    assert (state.provenance[:, :4] == 1).all() and (state.provenance[:, 8:] == 3).all()
+    model.inject(list(range(40, 44)), memory=state, generator=torch.Generator().manual_seed(0))
+    assert sorted(state.provenance_summary().values()) != [8, 8, 8]  # now old rows are evicted at random
+    assert (state.provenance[:, -4:] == 4).all()
