@@ -216,10 +216,17 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--dry-run", action="store_true", help="list what would be uploaded, upload nothing")
     push.add_argument("--private", action="store_true")
     push.set_defaults(run=cmd_push)
+    commands.add_parser("train", help="train adapters (see `memoryllm train --help`)", add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:  # the trainer has its own dataclass-driven parser
+        from .training import main as train_main
+
+        train_main(argv[1:])
+        return 0
     args = build_parser().parse_args(argv)
     try:
         args.run(args)

@@ -491,6 +491,30 @@ class MemoryLLMForCausalLM(MemoryLLMPreTrainedModel, LlamaForCausalLM):
         """
         multiple = isinstance(memory, (list, tuple))
         states = list(memory) if multiple else [memory if memory is not None else self.memory_state]
+        with torch.no_grad():
+            updated = self._injected_states(inputs, states, multiple, generator, show_progress)
+        for state, new in zip(states, updated):
+            if new is not state:
+                state.commit(MemoryUpdate(new.memory, new.provenance), new.injections)
+        return states if multiple else states[0]
+
+    def injected(
+        self,
+        inputs,
+        memory: MemoryState | list[MemoryState] | None = None,
+        *,
+        generator: torch.Generator | None = None,
+    ):
+        """
+        Like `inject`, but returns NEW states and leaves `memory` unchanged. Under autograd (training), the new
+        rows stay connected to the graph, so a loss on a later read trains the injection (adapters, `e`, bos).
+        """
+        multiple = isinstance(memory, (list, tuple))
+        states = list(memory) if multiple else [memory if memory is not None else self.memory_state]
+        updated = self._injected_states(inputs, states, multiple, generator, show_progress=False)
+        return updated if multiple else updated[0]
+
+    def _injected_states(self, inputs, states, multiple: bool, generator, show_progress) -> list[MemoryState]:
         token_chunks = self._token_chunks(inputs)
         if multiple and len(token_chunks) != len(states):
             raise ValueError(f"Got {len(token_chunks)} inputs for {len(states)} memory states.")
@@ -498,12 +522,7 @@ class MemoryLLMForCausalLM(MemoryLLMPreTrainedModel, LlamaForCausalLM):
             token_chunks = [[chunk for chunks in token_chunks for chunk in chunks]]
         for state in states:
             self._check_state(state)
-        with torch.set_grad_enabled(self.training and torch.is_grad_enabled()):
-            updated = self._inject_chunks(token_chunks, states, generator, show_progress)
-        for state, new in zip(states, updated):
-            if new is not state:
-                state.commit(MemoryUpdate(new.memory, new.provenance), new.injections)
-        return states if multiple else states[0]
+        return self._inject_chunks(token_chunks, states, generator, show_progress)
 
     def _inject_chunks(self, token_chunks, states, generator, show_progress) -> list[MemoryState]:
         """Inject chunk `r` of every input in round `r`; returns new (uncommitted) states."""
