@@ -97,3 +97,14 @@ def test_bfloat16_round_trip(saved_folder):
     model = MemoryLLMForCausalLM.from_pretrained(saved_folder, dtype=torch.bfloat16)
     assert model.memory.dtype == torch.bfloat16
     assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+@torch.no_grad()
+def test_device_map_places_the_model(golden_dir, fixtures):
+    pytest.importorskip("accelerate")
+    from modeling_memoryllm import MemoryLLMForCausalLM
+
+    model = MemoryLLMForCausalLM.from_pretrained(golden_dir / "checkpoint", device_map="cpu").eval()
+    assert model.device.type == "cpu"
+    logits = model(fixtures["input.query_d"]).logits
+    torch.testing.assert_close(logits, fixtures["d.logits"], atol=1e-4, rtol=1e-4)
