@@ -122,7 +122,8 @@ class MemoryState:
         memory (`torch.Tensor` of shape `[num_layers, memory_rows, hidden_size]`): the memory rows.
         initialized (`bool`): whether anything was written (an uninitialised memory is not read).
         provenance (`torch.Tensor` of shape `[num_layers, memory_rows]`, int64, CPU): for every row, the number of
-            the injection that wrote it (1 for the first injection into this state; 0 for rows it started with).
+            the injection that wrote it (1 for the first injection into this state; 0 for rows it started with;
+            -1 for rows never written).
         injections (`int`): how many injections this state has absorbed.
         version (`int`): changes whenever the memory changes; caches derived from the memory are keyed on it.
 
@@ -147,8 +148,9 @@ class MemoryState:
             if isinstance(initialized, torch.Tensor)
             else torch.tensor(int(initialized), dtype=torch.uint8, device=memory.device)
         )
-        if provenance is None:
-            provenance = torch.full(memory.shape[:2], INITIAL_ROWS, dtype=torch.long)
+        if provenance is None:  # an uninitialised memory has no written rows; an initialised one starts with its own
+            start = INITIAL_ROWS if bool(self._initialized_flag.item()) else EMPTY_ROWS
+            provenance = torch.full(memory.shape[:2], start, dtype=torch.long)
         if provenance.shape != memory.shape[:2]:
             raise ValueError(f"provenance must be {tuple(memory.shape[:2])}, got {tuple(provenance.shape)}")
         self.provenance = provenance.to(device="cpu", dtype=torch.long)
@@ -160,8 +162,7 @@ class MemoryState:
     def empty(cls, config: MemoryLLMConfig, device=None, dtype=torch.float32) -> "MemoryState":
         """An uninitialised memory of the shape that `config` asks for."""
         shape = (config.num_hidden_layers, config.memory_rows, config.hidden_size)
-        provenance = torch.full(shape[:2], EMPTY_ROWS, dtype=torch.long)
-        return cls(torch.zeros(shape, device=device, dtype=dtype), provenance=provenance)
+        return cls(torch.zeros(shape, device=device, dtype=dtype))
 
     def written_rows(self, rows: slice = slice(None)) -> torch.Tensor | None:
         """Which of `rows` hold something (`[R]` bool, the same for every layer); `None` when all do."""
@@ -208,14 +209,13 @@ class MemoryState:
         with torch.no_grad():
             self.memory.copy_(memory)
             self._initialized_flag.fill_(int(initialized))
-        self.provenance.fill_(INITIAL_ROWS)
+        self.provenance.fill_(INITIAL_ROWS if initialized else EMPTY_ROWS)
         self.injections = 0
         self.mark_changed()
 
     def reset(self) -> None:
         """Forget everything: zero rows, never written, uninitialised, no injections."""
         self.assign(torch.zeros_like(self.memory), initialized=False)
-        self.provenance.fill_(EMPTY_ROWS)
 
     def clone(self) -> "MemoryState":
         copy = MemoryState(self.memory.detach().clone(), self.initialized, self.provenance.clone(), self.injections)

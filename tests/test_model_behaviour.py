@@ -208,3 +208,13 @@ def test_training_free_rule_fills_empty_rows_first_and_never_reads_them():
     model.inject(list(range(40, 44)), memory=state, generator=torch.Generator().manual_seed(0))
     assert sorted(state.provenance_summary().values()) != [8, 8, 8]  # now old rows are evicted at random
     assert (state.provenance[:, -4:] == 4).all()
+
+
+def test_a_saved_and_reloaded_uninitialised_model_has_only_empty_rows(tmp_path):
+    model = tiny_model(memory_write_rule="input")
+    model.memory_state.reset()
+    model.save_pretrained(tmp_path)
+    reloaded = MemoryLLMForCausalLM.from_pretrained(tmp_path)
+    assert reloaded.memory_state.provenance_summary() == {-1: 2 * 12}
+    reloaded.inject(list(range(10, 20)))
+    assert reloaded.memory_state.provenance_summary() == {-1: 2 * 8, 1: 2 * 4}
