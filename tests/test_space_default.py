@@ -1,0 +1,37 @@
+"""The Space with the embedded default model (SmolLM2-135M-Instruct): inject the bundled passage, ask about it."""
+
+import time
+
+import pytest
+
+from tests.test_space_support import running_app
+
+
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client import Client  # noqa: E402
+
+
+QUESTION = "What was the name of the first keeper of the lighthouse?"
+pytestmark = pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")
+
+
+def test_default_model_answers_from_its_own_memory_only():
+    from modeling_memoryllm.default import PASSAGE, DefaultModelMissing, load_default
+
+    try:
+        model = load_default()
+    except DefaultModelMissing as error:
+        pytest.skip(str(error))
+    with running_app(model, max_new_tokens=24) as (url, _):
+        client, stranger = Client(url, verbose=False), Client(url, verbose=False)
+        start = time.perf_counter()
+        status, stats, _ = client.predict(PASSAGE.read_text(encoding="utf-8"), api_name="/inject")
+        injected = time.perf_counter()
+        history, _, _ = client.predict(QUESTION, False, [], [], api_name="/ask")
+        answered = time.perf_counter()
+        other, _, _ = stranger.predict(QUESTION, False, [], [], api_name="/ask")  # a session with an empty memory
+    answer, other_answer = history[-1]["content"][0]["text"], other[-1]["content"][0]["text"]
+    print(f"inject {injected - start:.1f} s, answer {answered - injected:.1f} s: {answer!r}; without: {other_answer!r}")
+    assert "Injections absorbed:** 2" in stats and "2 chunks" in status  # 307 tokens, 256 per injection
+    assert "Moravec" in answer
+    assert "Moravec" not in other_answer
