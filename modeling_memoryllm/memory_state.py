@@ -298,8 +298,17 @@ def _check_against_config(path, memory: torch.Tensor, metadata: dict[str, str], 
             "(layers, memory rows, hidden size): it was made for a different model."
         )
     saved = metadata.get("config")
-    if saved is not None and json.loads(saved) != config_fingerprint(config):
-        raise ValueError(f"{path}: made for a different model config ({saved}).")
+    if saved is None:
+        return
+    try:
+        fingerprint = json.loads(saved)
+    except ValueError as error:
+        raise ValueError(f"{path}: bad config metadata {saved!r} ({error}).") from error
+    if not isinstance(fingerprint, dict):
+        raise ValueError(f"{path}: bad config metadata {saved!r} (not a JSON object).")
+    if fingerprint != config_fingerprint(config):
+        differs = sorted(k for k, v in config_fingerprint(config).items() if fingerprint.get(k) != v)
+        raise ValueError(f"{path}: made for a different model config ({', '.join(differs)} differ: {saved}).")
 
 
 __all__ = ["MemoryState", "MemoryUpdate", "compute_update", "config_fingerprint"]

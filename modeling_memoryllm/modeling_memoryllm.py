@@ -269,6 +269,8 @@ class MemoryLLMForCausalLM(MemoryLLMPreTrainedModel, LlamaForCausalLM):
         return states
 
     def _check_state(self, state: MemoryState) -> None:
+        if not isinstance(state, MemoryState):
+            raise ValueError(f"memory must be a MemoryState or a list of them, got {type(state).__name__}.")
         expected = (self.config.num_hidden_layers, self.config.memory_rows, self.config.hidden_size)
         if tuple(state.memory.shape) != expected:
             raise ValueError(f"A memory of shape {tuple(state.memory.shape)} does not fit this model {expected}.")
@@ -375,6 +377,9 @@ class MemoryLLMForCausalLM(MemoryLLMPreTrainedModel, LlamaForCausalLM):
 
     def generate(self, inputs: torch.Tensor | None = None, memory=None, **kwargs):
         """`GenerationMixin.generate`, reading `memory` (default: the model's own) through a prefix cache."""
+        ids = inputs if inputs is not None else kwargs.get("input_ids")
+        if isinstance(ids, torch.Tensor):
+            self._token_lists(ids)  # clear errors for float, out-of-vocabulary or meta-device ids
         if pop_cache_argument(dict(kwargs)) is None and kwargs.get("use_cache", True):
             kwargs[CACHE_KWARG] = MemoryPrefixCache()
         return super().generate(inputs, memory=memory, **kwargs)
@@ -395,7 +400,7 @@ class MemoryLLMForCausalLM(MemoryLLMPreTrainedModel, LlamaForCausalLM):
         """
         input_ids = self._check_ids(input_ids)
         states = self._states(memory, input_ids.shape[0])
-        if states[0].initialized and attention_mask is not None and not bool(attention_mask.all()):
+        if attention_mask is not None and not bool(attention_mask.all()):
             if int(attention_mask.sum(-1).min()) < self.config.num_tokens:
                 raise ValueError(f"Padded injection needs at least num_tokens={self.config.num_tokens} per row.")
         delta, hidden = self._injection_pass(input_ids, states, attention_mask)
@@ -518,6 +523,8 @@ class MemoryLLMForCausalLM(MemoryLLMPreTrainedModel, LlamaForCausalLM):
         token_chunks = self._token_chunks(inputs)
         if multiple and len(token_chunks) != len(states):
             raise ValueError(f"Got {len(token_chunks)} inputs for {len(states)} memory states.")
+        if len({id(state) for state in states}) != len(states):
+            raise ValueError("memory lists the same MemoryState more than once: inject into it in one call instead.")
         if not multiple:
             token_chunks = [[chunk for chunks in token_chunks for chunk in chunks]]
         for state in states:
@@ -607,6 +614,8 @@ class MemoryLLMForCausalLM(MemoryLLMPreTrainedModel, LlamaForCausalLM):
         if isinstance(inputs, str):
             return [self._tokenize(inputs)]
         if isinstance(inputs, torch.Tensor):
+            if inputs.device.type == "meta":
+                raise ValueError("Token ids must hold data: got a tensor on the meta device.")
             if inputs.is_floating_point() or inputs.is_complex() or inputs.dtype == torch.bool:
                 raise ValueError(f"Token ids must be integers, got a {inputs.dtype} tensor.")
             if inputs.dim() not in (1, 2):
