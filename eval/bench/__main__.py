@@ -1,0 +1,9 @@
+"""`python -m eval.bench [--quick | --soak N] [--out DIR] ...`"""
+
+import sys
+
+from eval.bench.run import main
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""`python -m eval.bench`: what MemoryLLM costs, side by side in one run; writes `bench.json`, PNG plots and
+`bench_table.md` (the README table) to `--out`.
+
+Modes: the default runs measures 1-6 on the embedded default model (measure 6, the 8B shape, only on a GPU);
+`--quick` runs measures 1-5 on a tiny random config in well under a minute (for CI: the schema, not the timings);
+`--soak N` runs measure 7 alone: N injections into a tiny config, written to `soak.json` and `soak.png`.
+"""
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import sys
+import time
+
+import torch
+
+from . import gpu8b, measures, report
+from .measures import COST_POINTS, Bench
+from .models import bench_model, model_info
+from .timing import load_average, machine_info, synchronizer
+
+
+SCHEMA = "memoryllm-bench/1"
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# (full, quick) defaults.
+DEFAULTS = {
+    "repeats": (5, 3),
+    "warmup": (1, 1),
+    "batch_repeats": (2, 2),
+    "context_repeats": (2, 2),
+    "query_tokens": (64, 16),
+    "decode_tokens": (32, 8),
+    "batch_sizes": ("1,4,8,16", "1,2,4"),
+    "sweep_query_tokens": ("16,256", "4"),
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m eval.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny random config, few repeats (CI)")
+    parser.add_argument("--soak", type=int, metavar="N", help="only measure 7: N injections into a tiny config")
+    parser.add_argument("--soak-memories", type=int, default=16, help="memories injected into at once in --soak")
+    parser.add_argument("--out", default=DEFAULT_OUT, help="output folder (default: eval/bench/results)")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: all usable cores; 1 with --quick)")
+    parser.add_argument("--repeats", type=int, help="timed repeats per variant (median reported)")
+    parser.add_argument("--warmup", type=int, help="untimed warm-up calls per variant")
+    parser.add_argument("--batch-repeats", type=int, help="repeats of the batched-injection measure")
+    parser.add_argument("--context-repeats", type=int, help="repeats of the in-context points of measure 2")
+    parser.add_argument("--query-tokens", type=int, help="query length for TTFT and decode")
+    parser.add_argument("--sweep-query-tokens", help="more query lengths for the TTFT ratios of measure 1, e.g. 16,256")
+    parser.add_argument("--decode-tokens", type=int, help="decode steps timed in measure 4")
+    parser.add_argument("--batch-sizes", help="independent memories for batched injection, e.g. 1,4,8,16")
+    parser.add_argument(
+        "--max-injected-tokens",
+        type=int,
+        help="inject for real up to this many tokens (default: 2,048 quick, 16,384 CPU, 1,048,576 GPU); "
+        "larger points of the per-query cost curve are marked simulated",
+    )
+    parser.add_argument("--skip-8b", action="store_true", help="skip measure 6 even on a GPU")
+    parser.add_argument("--gpu-query-tokens", type=int, default=2048, help="query length of measure 6")
+    args = parser.parse_args(argv)
+    for name, (full, quick) in DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+    return args
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def default_max_injected(args: argparse.Namespace, device: torch.device) -> int:
+    if args.max_injected_tokens is not None:
+        return args.max_injected_tokens
+    if args.quick:
+        return 2048
+    return COST_POINTS[-1] if device.type == "cuda" else 16_384
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------------ bench
+def run_bench(args: argparse.Namespace, device: torch.device) -> dict:
+    dtype = getattr(torch, args.dtype)
+    machine = machine_info(device)
+    log(f"loading the model on {machine['device_name']} ({torch.get_num_threads()} threads)")
+    model, name = bench_model(args.quick, device, dtype)
+    bench = Bench(
+        model=model,
+        sync=synchronizer(device),
+        repeats=args.repeats,
+        warmup=args.warmup,
+        query_tokens=args.query_tokens,
+        decode_tokens=args.decode_tokens,
+        batch_sizes=tuple(int(n) for n in args.batch_sizes.split(",")),
+        batch_repeats=args.batch_repeats,
+        context_repeats=args.context_repeats,
+        sweep_query_tokens=tuple(int(n) for n in args.sweep_query_tokens.split(",") if n),
+    )
+    max_injected = default_max_injected(args, device)
+    info = model_info(model, name)
+    results = run_measures(bench, max_injected, args.out)
+    del model, bench
+    gc.collect()
+    results["gpu_8b"] = run_8b(args, device)
+    if args.quick:
+        waive_targets(results, "quick mode (tiny config): the targets are for the default sizes")
+    machine["load_average_end"] = load_average()
+    settings = {key: getattr(args, key) for key in DEFAULTS} | {
+        "device": str(device),
+        "dtype": args.dtype,
+        "max_injected_tokens": max_injected,
+        "cost_points": list(COST_POINTS),
+        "model": info,
+    }
+    return {
+        "schema": SCHEMA,
+        "mode": "quick" if args.quick else "full",
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine,
+        "settings": settings,
+        "measures": results,
+        "targets": collect_targets(results),
+    }
+
+
+def run_measures(bench: Bench, max_injected: int, out_dir: str) -> dict:
+    model = bench.model
+    log(f"injecting up to {max_injected:,} tokens (points {', '.join(f'{p:,}' for p in COST_POINTS)})")
+    states, stream = measures.grow_memory(bench, COST_POINTS, max_injected)
+    fill = min((p for p in COST_POINTS if p >= model.config.memory_rows), default=COST_POINTS[-1])
+    full = states[max(states)]["state"]
+    results = {}
+    log("measure 1: TTFT")
+    results["ttft"] = measures.measure_ttft(bench, states[fill]["state"], stream, fill)
+    log("measure 2: per-query cost vs injected tokens")
+    results["per_query_cost"] = measures.measure_cost_curve(bench, states, stream)
+    del states
+    log("measure 3: injection throughput, batched injection")
+    results["injection"] = measures.measure_injection(bench, full)
+    log("measure 4: decode speed")
+    results["decode"] = measures.measure_decode(bench, full)
+    log("measure 5: state size, save, load")
+    results["size"] = measures.measure_size(bench, full, out_dir)
+    return results
+
+
+def run_8b(args: argparse.Namespace, device: torch.device) -> dict:
+    if device.type != "cuda":
+        return gpu8b.skipped(f"needs a CUDA GPU; this run is on {device.type}")
+    if args.quick or args.skip_8b:
+        return gpu8b.skipped("--quick" if args.quick else "--skip-8b")
+    log("measure 6: 8B shape on the GPU")
+    try:
+        return gpu8b.measure_8b(device, repeats=args.repeats, warmup=args.warmup, query_tokens=args.gpu_query_tokens)
+    except torch.cuda.OutOfMemoryError as error:
+        gc.collect()
+        torch.cuda.empty_cache()
+        return gpu8b.skipped(f"out of GPU memory: {error}")
+
+
+def waive_targets(results: dict, reason: str) -> None:
+    """Keep the values but mark every target as not applying (e.g. to the tiny config of `--quick`)."""
+    for measure in results.values():
+        for item in measure.get("targets", []):
+            item.update(applies=False, met=None, note=reason)
+
+
+def collect_targets(results: dict) -> list[dict]:
+    """Every target of every measure, flat, named by its measure."""
+    return [{"measure": name, **t} for name, measure in results.items() for t in measure.get("targets", [])]
+
+
+# ------------------------------------------------------------------------------------------------------ outputs
+def write_bench(result: dict, out_dir: str) -> list[str]:
+    path = os.path.join(out_dir, "bench.json")
+    report.write_json(result, path)
+    plots = report.plot_bench(result, out_dir)
+    return [path, *plots, write_table(out_dir)]
+
+
+def write_table(out_dir: str) -> str:
+    """`bench_table.md` from `bench.json` (and `soak.json`, when there is one) in `out_dir`."""
+    soak = (_read_json(os.path.join(out_dir, "soak.json")) or {}).get("soak")
+    bench = _read_json(os.path.join(out_dir, "bench.json"))
+    path = os.path.join(out_dir, "bench_table.md")
+    text = report.table(bench, soak) if bench is not None else report.soak_table(soak)
+    with open(path, "w") as handle:
+        handle.write(text)
+    return path
+
+
+def _read_json(path: str) -> dict | None:
+    if not os.path.exists(path):
+        return None
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def run_soak(args: argparse.Namespace, device: torch.device) -> list[str]:
+    from .soak import soak
+
+    log(f"soak: {args.soak:,} injections into {args.soak_memories} tiny memories")
+    start = time.perf_counter()
+    result = soak(args.soak, memories=args.soak_memories)
+    result = {
+        "schema": SCHEMA,
+        "mode": "soak",
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(torch.device("cpu")) | {"load_average_end": load_average()},
+        "wall_s": time.perf_counter() - start,
+        "soak": result,
+    }
+    path = os.path.join(args.out, "soak.json")
+    report.write_json(result, path)
+    return [path, report.plot_soak(result["soak"], args.out), write_table(args.out)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(args.threads or (1 if args.quick or args.soak is not None else usable))
+    torch.manual_seed(0)
+    os.makedirs(args.out, exist_ok=True)
+    device = resolve_device(args.device)
+    if args.soak is not None:
+        paths = run_soak(args, device)
+    else:
+        paths = write_bench(run_bench(args, device), args.out)
+    print(open(paths[-1]).read())
+    log("wrote " + ", ".join(paths))
+    return 0

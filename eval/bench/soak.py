@@ -1,0 +1,105 @@
+"""Measure 7 (`--soak N`): N injections into a tiny config, batched into several independent memories. Every so often
+records max |value|, RMS norm, NaN/Inf, process RSS and seconds per injection; checks that none is NaN/Inf, the
+norm stays bounded, RSS stays flat and the time per injection stays flat."""
+
+import math
+import time
+
+import torch
+
+from .models import tiny_model
+from .timing import rss_bytes
+
+
+# The tiny soak model: the released ("output") write rule, so that new rows depend on the memory they attend to,
+# and random LoRA adapters, as `tests/tiny.py`; 4 rows per injection, 12 memory rows; texts of 16 tokens (the
+# shortest the released models were trained on).
+SOAK_CONFIG = dict(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_tokens=4,
+    num_blocks=3,
+    max_inject_length=16,
+    memory_write_rule="output",
+    lora_config={"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "k_proj", "v_proj", "gate_proj"]},
+)
+NORM_BOUND = 4.0  # the RMS norm may not exceed this multiple of its first recorded value
+RSS_GROWTH = 0.10  # RSS may grow by at most this fraction (after the first tenth of the run)
+TIME_GROWTH = 1.5  # the median time per injection in the last tenth vs the first tenth
+
+
+def soak(total: int, memories: int = 16, text_tokens: int = 16, points: int = 200, seed: int = 0) -> dict:
+    """`total` injections (rounded up to whole batches of `memories`), `points` records along the way."""
+    model = tiny_model(seed=seed, **SOAK_CONFIG)
+    states = [model.new_memory_state() for _ in range(memories)]
+    generator = torch.Generator().manual_seed(seed)
+    every = max(memories, math.ceil(total / points / memories) * memories)
+    records, done, window_start, window_done = [], 0, time.perf_counter(), 0
+    with torch.inference_mode():
+        while done < total:
+            tokens = torch.randint(3, model.config.vocab_size, (memories, text_tokens), generator=generator)
+            model.inject(tokens, memory=states, show_progress=False)
+            done += memories
+            if done % every == 0 or done >= total:
+                now = time.perf_counter()
+                records.append(_record(states, done, (now - window_start) / (done - window_done)))
+                window_start, window_done = now, done
+    return _soak_result(records, total, memories, text_tokens, model.config)
+
+
+def _record(states, done: int, seconds_per_injection: float) -> dict:
+    memory = torch.stack([s.memory for s in states])
+    finite = bool(torch.isfinite(memory).all())
+    return {
+        "injections": done,
+        "max_abs": float(memory.abs().max()),
+        "rms": float(memory.float().pow(2).mean().sqrt()),
+        "finite": finite,
+        "rss_bytes": rss_bytes(),
+        "seconds_per_injection": seconds_per_injection,
+    }
+
+
+def _tenth_median(records: list[dict], key: str, last: bool) -> float:
+    size = max(1, len(records) // 10)
+    values = sorted(r[key] for r in (records[-size:] if last else records[:size]))
+    return values[len(values) // 2]
+
+
+def _soak_result(records: list[dict], total: int, memories: int, text_tokens: int, config) -> dict:
+    steady = records[max(1, len(records) // 10) :] or records  # after the first tenth (allocator warm-up)
+    first_rms = records[0]["rms"]
+    norm_ratio = max(r["rms"] for r in records) / first_rms if first_rms else None
+    rss_ratio = max(r["rss_bytes"] for r in steady) / steady[0]["rss_bytes"]
+    time_ratio = _tenth_median(records, "seconds_per_injection", True) / _tenth_median(
+        records, "seconds_per_injection", False
+    )
+    all_finite = all(r["finite"] for r in records)
+    seconds = sum(r["seconds_per_injection"] for r in records) / len(records)
+    return {
+        "description": "injections into a tiny config, batched into independent memories",
+        "config": {k: v for k, v in SOAK_CONFIG.items() if k != "lora_config"},
+        "requested_injections": total,
+        "injections": records[-1]["injections"],
+        "memories": memories,
+        "text_tokens": text_tokens,
+        "mean_seconds_per_injection": seconds,
+        "estimated_seconds_for_1m": seconds * 1_000_000,
+        "records": records,
+        "ratios": {
+            "max_rms_vs_first": norm_ratio,
+            "rss_max_vs_steady_start": rss_ratio,
+            "time_last_vs_first": time_ratio,
+        },
+        "checks": {
+            "finite": all_finite,
+            "norm_bounded": norm_ratio is not None and norm_ratio <= NORM_BOUND,
+            "rss_flat": rss_ratio <= 1 + RSS_GROWTH,
+            "time_flat": time_ratio <= TIME_GROWTH,
+        },
+        "thresholds": {"norm_bound": NORM_BOUND, "rss_growth": RSS_GROWTH, "time_growth": TIME_GROWTH},
+    }

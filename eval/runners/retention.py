@@ -1,0 +1,221 @@
+"""Knowledge retention (MemoryLLM paper, Sec. 4.3): inject a context, then k unrelated contexts, then ask.
+
+For each sample: its context (cut to `--context-tokens`) goes into a fresh memory, then the first k contexts of one
+fixed list of unrelated contexts (the same list for every sample), and the question is asked with the paper's
+prompt `"Questions: {question} Answer:"` (for chat models: the chat template with "Answer:" opening the reply).
+Scored by greedy generation (gold answer as a substring) and by the teacher-forced NLL of the gold answer.
+Baselines in the same run: the model with an empty memory (no injection), and with the context in the prompt.
+"""
+
+import argparse
+import random
+
+from modeling_memoryllm.default import chat_prompt
+
+from . import common
+
+
+DEFAULT_MAX_ANSWER_TOKENS = {"squad": 3, "nq": 4}  # the paper keeps answers of at most 3 (SQuAD) / 4 (NQ) tokens
+UNRELATED_RESERVE = 20  # contexts set aside as unrelated ones (the paper's largest k), whatever --ks asks for
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m eval retention", description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", choices=("squad", "nq"), default="squad")
+    parser.add_argument("--ks", type=common.int_list, default="0,1,2,5,10,20", help="numbers of unrelated contexts")
+    parser.add_argument("--context-tokens", type=int, default=512, help="contexts are cut to this many tokens")
+    parser.add_argument("--max-answer-tokens", type=int, help="keep answers this short (default 3 SQuAD / 4 NQ)")
+    parser.add_argument("--max-new-tokens", type=int, default=10)
+    common.common_arguments(parser)
+    return parser
+
+
+# ------------------------------------------------------------------------------------------------------- samples
+def answer_ids(subject: common.Subject, answer: str) -> list[int]:
+    return subject.encode(" " + answer, special=False)
+
+
+def select(records: list[dict], subject: common.Subject, args) -> tuple[list[dict], list[str]]:
+    """The fixed unrelated contexts, then `--limit` samples with short gold answers whose context is not one of them.
+
+    Both orders are fixed by the seed alone: the first `max(UNRELATED_RESERVE, max k)` contexts of a shuffled list
+    are set aside, so `--limit n` takes the first n samples of the same order whatever the limit or `--ks`.
+    """
+    contexts = list(dict.fromkeys(record["context"] for record in records))
+    random.Random(args.seed + 1).shuffle(contexts)
+    needed = max(args.ks, default=0)
+    reserved = set(contexts[: max(UNRELATED_RESERVE, needed)])
+    if len(contexts) - len(reserved) < 1 or len(contexts) < needed:
+        raise ValueError(f"{len(contexts)} distinct contexts are too few for k up to {needed}")
+    eligible = [
+        r
+        for r in records
+        if r["context"] not in reserved and len(answer_ids(subject, r["answers"][0])) <= args.max_answer_tokens
+    ]
+    random.Random(args.seed).shuffle(eligible)
+    return eligible[: args.limit], contexts[:needed]
+
+
+def prepare(subject: common.Subject, records: list[dict], args) -> list[dict]:
+    """Token ids of each sample's cut context, question prompt, in-context prompt and gold answer."""
+    samples = []
+    for index, record in enumerate(records):
+        context_ids = subject.encode(record["context"], special=False)[: args.context_tokens]
+        context = subject.decode(context_ids)
+        samples.append(
+            {
+                "index": index,
+                "id": record["id"],
+                "question": record["question"],
+                "answers": record["answers"],
+                "context_ids": context_ids,
+                "prompt_ids": subject.encode(chat_prompt(subject.tokenizer, record["question"])),
+                "in_context_ids": subject.encode(in_context_prompt(subject.tokenizer, context, record["question"])),
+                "answer_ids": answer_ids(subject, record["answers"][0]),
+            }
+        )
+    return samples
+
+
+def in_context_prompt(tokenizer, context: str, question: str) -> str:
+    """The context in front of the question. For chat models "Context: ... Question: ..." in the user turn: on
+    SQuAD part-a, SmolLM2-135M-Instruct ended its turn at once far less often with these labels than without."""
+    if common.has_chat_template(tokenizer):
+        return chat_prompt(tokenizer, f"Context: {context}\n\nQuestion: {question}")
+    return f"{context}\n{chat_prompt(tokenizer, question)}"
+
+
+# --------------------------------------------------------------------------------------------------------- asking
+def is_retained(prediction: str, answers: list[str]) -> bool:
+    """The metric's default rule: a stripped gold answer is a case-sensitive substring of the output."""
+    return any(answer.strip() and answer.strip() in prediction for answer in answers)
+
+
+def ask(subject, batch: list[dict], memory, args, prompt_key: str = "prompt_ids") -> list[dict]:
+    """Generate an answer and score the gold answer's NLL for every sample of `batch`."""
+    prompts = [sample[prompt_key] for sample in batch]
+    predictions = common.generate(subject, prompts, memory, args.max_new_tokens)
+    scores = common.continuation_scores(subject, prompts, [s["answer_ids"] for s in batch], memory)
+    return [
+        {"prediction": prediction, "correct": is_retained(prediction, sample["answers"]), "answer_nll": -mean_lp}
+        for sample, prediction, mean_lp in zip(batch, predictions, [common.mean(lp) for lp, _ in scores])
+    ]
+
+
+def run_memory(subject, batch: list[dict], unrelated: list[list[int]], args) -> None:
+    """Context into fresh memories, then unrelated contexts; ask at every k (outputs under `sample["memory"]`)."""
+    states = subject.new_states(len(batch))
+    generators = common.sample_generators(args.seed, [sample["index"] for sample in batch])
+    subject.inject([sample["context_ids"] for sample in batch], states, generators)
+    injected = 0
+    for k in args.ks:
+        for ids in unrelated[injected:k]:
+            subject.inject([ids] * len(batch), states, generators)
+        injected = k
+        for sample, output in zip(batch, ask(subject, batch, states, args)):
+            sample.setdefault("memory", {})[str(k)] = output
+
+
+def run_baselines(subject, batch: list[dict], names: list[str], args) -> None:
+    if "no_injection" in names:
+        for sample, output in zip(batch, ask(subject, batch, None, args)):
+            sample["no_injection"] = output
+    if "in_context" in names:
+        fits = [s for s in batch if len(s["in_context_ids"]) + args.max_new_tokens <= subject.max_positions]
+        outputs = ask(subject, fits, None, args, "in_context_ids") if fits else []
+        by_index = {sample["index"]: output for sample, output in zip(fits, outputs)}
+        for sample in batch:
+            sample["in_context"] = by_index.get(sample["index"])  # None: the context does not fit
+
+
+# ------------------------------------------------------------------------------------------------------ aggregates
+def aggregate(samples: list[dict], ks: list[int], names: list[str]) -> dict:
+    metric = common.load_metric("knowledge_retention")
+    results = {}
+    if samples and "memory" in samples[0]:
+        outputs = [(k, s["answers"], s["memory"][str(k)]) for k in ks for s in samples]
+        results["memory"] = _compute(metric, outputs)
+    for name in names:
+        outputs = [(0, s["answers"], s[name]) for s in samples if s.get(name) is not None]
+        results[name] = _compute(metric, outputs) if outputs else None
+    return results
+
+
+def _compute(metric, outputs: list[tuple]) -> dict:
+    return metric.compute(
+        predictions=[output["prediction"] for _, _, output in outputs],
+        references=[answers for _, answers, _ in outputs],
+        num_unrelated=[k for k, _, _ in outputs],
+        answer_nll=[output["answer_nll"] for _, _, output in outputs],
+    )
+
+
+def plot(results: dict, path, title: str):
+    plt = common.pyplot()
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    aggregates = results["aggregates"]
+    for axis, key, label in ((left, "accuracy", "accuracy"), (right, "nll", "gold-answer NLL (nats/token)")):
+        memory = aggregates.get("memory")
+        if memory:
+            ks = sorted(int(k) for k in memory[f"{key}_by_k"])
+            axis.plot(ks, [memory[f"{key}_by_k"][k] for k in ks], marker="o", label="memory")
+        for name, style in (("no_injection", "--"), ("in_context", ":")):
+            if aggregates.get(name):
+                value = aggregates[name]["accuracy" if key == "accuracy" else "mean_nll"]
+                axis.axhline(value, linestyle=style, color="gray" if style == "--" else "black", label=name)
+        axis.set_xlabel("number of unrelated injections k")
+        axis.set_ylabel(label)
+        axis.legend()
+    figure.suptitle(title)
+    return common.save_figure(figure, path)
+
+
+# ------------------------------------------------------------------------------------------------------------ run
+def run(args, subject: common.Subject | None = None) -> dict:
+    from eval import data
+
+    common.setup(args)
+    timer = common.Timer()
+    subject = subject or common.load_subject(args.model, args.tokenizer, args.device, args.dtype)
+    args.max_answer_tokens = args.max_answer_tokens or DEFAULT_MAX_ANSWER_TOKENS[args.dataset]
+    names = common.baselines(args)
+    records = data.retention_records(args.dataset, args.split, args.data_dir)
+    chosen, unrelated_texts = select(records, subject, args)
+    samples = prepare(subject, chosen, args)
+    unrelated = [subject.encode(text, special=False)[: args.context_tokens] for text in unrelated_texts]
+    timer.mark("load_s")
+    for batch in common.progress(common.batches(samples, args.batch_size), "retention", args):
+        if subject.is_memory:
+            run_memory(subject, batch, unrelated, args)
+        run_baselines(subject, batch, names, args)
+    timer.mark("evaluate_s")
+    source = str(data.data_file(args.dataset, args.split, args.data_dir))
+    config = common.run_config(args, subject, data_file=source, unrelated_context_tokens=[len(u) for u in unrelated])
+    return {
+        "benchmark": f"retention-{args.dataset}",
+        "config": config,
+        "aggregates": aggregate(samples, args.ks, names),
+        "samples": [_public(sample) for sample in samples],
+        "timings": timer.summary(),
+    }
+
+
+def _public(sample: dict) -> dict:
+    hidden = ("context_ids", "prompt_ids", "in_context_ids", "answer_ids")
+    visible = {key: value for key, value in sample.items() if key not in hidden}
+    return {**visible, "context_tokens": len(sample["context_ids"])}
+
+
+def main(argv: list[str] | None = None, subject: common.Subject | None = None) -> int:
+    return common.run_main(build_parser(), run, plot, summary, argv, subject)
+
+
+def summary(results: dict) -> None:
+    aggregates = results["aggregates"]
+    memory = aggregates.get("memory")
+    if memory:
+        for k, accuracy in memory["accuracy_by_k"].items():
+            print(f"memory k={k}: accuracy {accuracy:.3f}, NLL {memory['nll_by_k'].get(k, float('nan')):.3f}")
+    for name in ("no_injection", "in_context"):
+        if aggregates.get(name):
+            print(f"{name}: accuracy {aggregates[name]['accuracy']:.3f}, NLL {aggregates[name]['mean_nll']:.3f}")

@@ -1,0 +1,126 @@
+"""`python -m eval.bench`: the quick mode and a tiny soak write JSON of the expected schema, plots and the table.
+Timings are not checked (CI machines are noisy); the 8B-shape code path runs on CPU with a tiny config."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+
+pytest.importorskip("matplotlib")
+
+from eval.bench import gpu8b  # noqa: E402
+from eval.bench.models import tiny_config  # noqa: E402
+from eval.bench.run import main  # noqa: E402
+
+
+ROOT = Path(__file__).resolve().parents[1]
+MEASURES = {"ttft", "per_query_cost", "injection", "decode", "size", "gpu_8b"}
+RATIOS = {
+    "ttft": {"cached_vs_plain", "recompute_vs_cached", "in_context_vs_cached"},
+    "per_query_cost": {"last_vs_first", "max_vs_min"},
+    "injection": {"inject_vs_forward", "batched_1_vs_sequential", "batched_2_vs_sequential"},
+    "decode": {"memory_vs_plain_tokens_per_s"},
+    "size": {"nbytes_vs_formula", "file_vs_formula"},
+}
+TARGET_KEYS = {"name", "value", "op", "threshold", "applies", "met", "note"}
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("bench")
+    assert main(["--quick", "--out", str(out), "--batch-sizes", "1,2", "--repeats", "2"]) == 0
+    return out, json.loads((out / "bench.json").read_text())
+
+
+def test_quick_writes_json_plots_and_table(quick):
+    out, result = quick
+    for name in ("bench.json", "bench_table.md", "ttft.png", "per_query_cost.png", "throughput.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "ttft.png").read_bytes()[:4] == b"\x89PNG"
+    table = (out / "bench_table.md").read_text()
+    assert "| # | Measure |" in table and "cached vs plain backbone" in table
+
+
+def test_quick_json_schema(quick):
+    _, result = quick
+    assert result["schema"] == "memoryllm-bench/1" and result["mode"] == "quick"
+    machine = result["machine"]
+    for key in ("cpu_model", "cpu_cores", "torch", "transformers", "torch_threads", "device", "device_name"):
+        assert key in machine, key
+    assert machine["torch_threads"] == 1
+    assert result["settings"]["model"]["memory_rows"] == 64
+    assert set(result["measures"]) == MEASURES
+    for measure, names in RATIOS.items():
+        ratios = result["measures"][measure]["ratios"]
+        assert names <= set(ratios), (measure, set(ratios))
+        assert all(_number(ratios[name]) for name in names), (measure, ratios)
+    for target in result["targets"]:
+        assert TARGET_KEYS | {"measure"} <= set(target)
+        assert target["applies"] is False and target["met"] is None  # quick mode: the tiny config has no targets
+        assert target["value"] is None or _number(target["value"])
+    assert {t["measure"] for t in result["targets"]} >= {"ttft", "per_query_cost", "injection", "size"}
+
+
+def test_quick_measure_details(quick):
+    _, result = quick
+    measures = result["measures"]
+    for variant in ("plain", "cached", "recompute", "in_context"):
+        samples = measures["ttft"]["variants"][variant]
+        assert _number(samples["median_s"]) and samples["repeats"] == len(samples["samples_s"]) == 2
+    sweep = measures["ttft"]["by_query_tokens"]
+    assert [point["query_tokens"] for point in sweep] == [4] and _number(sweep[0]["cached_vs_plain"])
+    cost = measures["per_query_cost"]
+    points = [row["injected_tokens"] for row in cost["memoryllm"]]
+    assert points[0] == 1024 and points[-1] == 1_048_576
+    assert {row["injected"] for row in cost["memoryllm"]} == {"measured", "simulated"}
+    assert any(row["fits"] for row in cost["in_context"]) and not cost["in_context"][-1]["fits"]
+    assert [b["memories"] for b in measures["injection"]["batched"]] == [1, 2]
+    size = measures["size"]
+    assert size["state_nbytes"] == size["formula_bytes"] == 2 * 64 * 64 * 4
+    assert size["file_bytes"] > size["formula_bytes"]
+    gpu = measures["gpu_8b"]
+    if not torch.cuda.is_available():
+        assert gpu["skipped"] is True and "GPU" in gpu["reason"]
+
+
+def test_soak_mode(tmp_path):
+    assert main(["--soak", "96", "--soak-memories", "8", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "soak.json").read_text())["soak"]
+    assert result["injections"] == 96 and result["memories"] == 8
+    assert set(result["checks"]) == {"finite", "norm_bounded", "rss_flat", "time_flat"}
+    assert result["checks"]["finite"] is True
+    record = result["records"][-1]
+    assert {"injections", "max_abs", "rms", "finite", "rss_bytes", "seconds_per_injection"} <= set(record)
+    assert (tmp_path / "soak.png").read_bytes()[:4] == b"\x89PNG"
+    assert "soak: 96 injections" in (tmp_path / "bench_table.md").read_text()
+
+
+def test_8b_code_path_runs_on_cpu_with_a_tiny_shape():
+    config = tiny_config(num_tokens=8, num_blocks=2)
+    result = gpu8b.measure_8b(torch.device("cpu"), config=config, repeats=1, warmup=0, query_tokens=8)
+    assert result["skipped"] is False
+    assert result["memory_on_gpu"]["memory_device"] == "cpu"
+    assert result["memory_offloaded"]["peak_allocated_mb"] is None  # no CUDA: no peak
+    assert _number(result["memory_offloaded"]["cached"]["median_s"])
+    assert set(result["ratios"]) >= {"peak_offloaded_vs_aim", "cached_offloaded_vs_plain"}
+
+
+def test_eight_b_config_is_the_paper_shape():
+    config = gpu8b.eight_b_config()
+    assert (config.num_hidden_layers, config.memory_rows, config.hidden_size) == (32, 12_800, 4096)
+
+
+def test_module_entry_point_help():
+    done = subprocess.run(
+        [sys.executable, "-m", "eval.bench", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and "--quick" in done.stdout and "--soak" in done.stdout
