@@ -102,6 +102,9 @@ def test_soak_mode(tmp_path):
     assert {"injections", "max_abs", "rms", "finite", "rss_bytes", "seconds_per_injection"} <= set(record)
     assert (tmp_path / "soak.png").read_bytes()[:4] == b"\x89PNG"
     assert "soak: 96 injections" in (tmp_path / "bench_table.md").read_text()
+    (tmp_path / "soak.png").unlink()
+    assert main(["--replot", "--out", str(tmp_path)]) == 0  # plots and table again from the JSON
+    assert (tmp_path / "soak.png").exists()
 
 
 def test_8b_code_path_runs_on_cpu_with_a_tiny_shape():

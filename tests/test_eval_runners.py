@@ -28,7 +28,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 LONGBENCH_FILES = ROOT / "tests" / "data" / "longbench"
 LONGBENCH_KEYS = {"input", "context", "answers", "length", "dataset", "language", "all_classes", "_id"}
 CHECKPOINT = str(GOLDEN_A / "checkpoint")
-needs_data = pytest.mark.skipif(not data.data_dir().exists(), reason="shared data folder not found")
+if not data.data_dir().exists():  # no shared data folder: the small subsets in the same schemas shipped here
+    os.environ["MEMORYLLM_DATA"] = str(ROOT / "tests" / "data" / "eval_data")
+needs_data = pytest.mark.skipif(not data.data_dir().exists(), reason="no evaluation data")
 
 
 def byte_tokenizer(vocab_size: int = 512):

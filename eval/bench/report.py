@@ -114,7 +114,10 @@ def plot_soak(result: dict, out_dir: str) -> str:
     axes[0].plot(steps, [r["max_abs"] for r in records], label="max |x|")
     axes[0].set_title("memory values", fontsize=9)
     axes[0].legend(fontsize=8)
-    axes[1].plot(steps, [r["rss_bytes"] / 2**20 for r in records])
+    rss = [r["rss_bytes"] / 2**20 for r in records]
+    axes[1].plot(steps, rss)
+    axes[1].ticklabel_format(axis="y", useOffset=False, style="plain")
+    axes[1].set_ylim(0.9 * min(rss), 1.1 * max(rss))  # growth shown at its real size, not magnified
     axes[1].set_title("process RSS (MiB)", fontsize=9)
     axes[2].plot(steps, [r["seconds_per_injection"] * 1000 for r in records])
     axes[2].set_title("ms per injection", fontsize=9)

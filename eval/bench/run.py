@@ -60,6 +60,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="inject for real up to this many tokens (default: 2,048 quick, 16,384 CPU, 1,048,576 GPU); "
         "larger points of the per-query cost curve are marked simulated",
     )
+    parser.add_argument("--replot", action="store_true", help="only redraw plots and table from the JSON in --out")
     parser.add_argument("--skip-8b", action="store_true", help="skip measure 6 even on a GPU")
     parser.add_argument("--gpu-query-tokens", type=int, default=2048, help="query length of measure 6")
     args = parser.parse_args(argv)
@@ -205,17 +206,34 @@ def _read_json(path: str) -> dict | None:
         return json.load(handle)
 
 
+def replot(out_dir: str) -> list[str]:
+    """Plots and table again from `bench.json` / `soak.json` (e.g. after changing the report code)."""
+    paths, bench, soak = (
+        [],
+        _read_json(os.path.join(out_dir, "bench.json")),
+        _read_json(os.path.join(out_dir, "soak.json")),
+    )
+    if bench is not None:
+        paths += report.plot_bench(bench, out_dir)
+    if soak is not None:
+        paths.append(report.plot_soak(soak["soak"], out_dir))
+    if bench is None and soak is None:
+        raise SystemExit(f"No bench.json or soak.json in {out_dir}.")
+    return [*paths, write_table(out_dir)]
+
+
 def run_soak(args: argparse.Namespace, device: torch.device) -> list[str]:
     from .soak import soak
 
     log(f"soak: {args.soak:,} injections into {args.soak_memories} tiny memories")
+    machine = machine_info(torch.device("cpu"))
     start = time.perf_counter()
     result = soak(args.soak, memories=args.soak_memories)
     result = {
         "schema": SCHEMA,
         "mode": "soak",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_info(torch.device("cpu")) | {"load_average_end": load_average()},
+        "machine": machine | {"load_average_end": load_average()},
         "wall_s": time.perf_counter() - start,
         "soak": result,
     }
@@ -231,7 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     os.makedirs(args.out, exist_ok=True)
     device = resolve_device(args.device)
-    if args.soak is not None:
+    if args.replot:
+        paths = replot(args.out)
+    elif args.soak is not None:
         paths = run_soak(args, device)
     else:
         paths = write_bench(run_bench(args, device), args.out)
