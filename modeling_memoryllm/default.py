@@ -53,8 +53,15 @@ def cache_root() -> pathlib.Path:
 
 
 def memory_options() -> dict:
-    """The default's memory options; LoRA adapters only when trained ones exist (untrained ones are no-ops)."""
-    return {**DEFAULT_MEMORY, "lora_config": DEFAULT_LORA if ADAPTERS.exists() else None}
+    """The default's memory options; LoRA adapters (and the rule they were trained for, from the file's metadata)
+    only when trained ones exist: untrained adapters are no-ops."""
+    if not ADAPTERS.exists():
+        return {**DEFAULT_MEMORY, "lora_config": None}
+    from safetensors import safe_open
+
+    with safe_open(ADAPTERS, framework="pt") as handle:
+        rule = (handle.metadata() or {}).get("memory_write_rule", DEFAULT_MEMORY["memory_write_rule"])
+    return {**DEFAULT_MEMORY, "memory_write_rule": rule, "lora_config": DEFAULT_LORA}
 
 
 def _stamp(gguf_path: str) -> str:
