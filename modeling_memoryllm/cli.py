@@ -163,9 +163,9 @@ def cmd_inject(args) -> None:
 
 
 def cmd_ask(args) -> None:
-    model = load_model(args.model)
-    if not os.path.exists(args.memory):
+    if not os.path.exists(args.memory):  # before the model loads: bad input costs nothing
         raise CommandError(f"no memory file {args.memory} (create one with `memoryllm inject`)")
+    model = load_model(args.model)
     print(answer(model, model.load_memory_state(args.memory), args.question, args.max_new_tokens))
 
 
