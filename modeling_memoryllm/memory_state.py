@@ -1,5 +1,6 @@
 """`MemoryState`: the memory pool of one user or session, as explicit state saved apart from the weights."""
 
+import hashlib
 import json
 import os
 import tempfile
@@ -8,12 +9,17 @@ from dataclasses import dataclass
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from transformers.utils import logging
 
 from .configuration_memoryllm import MemoryLLMConfig
 
 
+logger = logging.get_logger(__name__)
+
 FORMAT = "memoryllm-memory-state"
-FORMAT_VERSION = "1"
+# "2": the metadata holds a SHA-256 of the other metadata and of the tensors (`checksum`); "1" files had none.
+FORMAT_VERSION = "2"
+CHECKSUM_KEY = "sha256"
 # Provenance id of rows that were in the memory before any injection into this state (e.g. a checkpoint's memory).
 INITIAL_ROWS = 0
 # Provenance id of rows never written. The training-free ("input") rule fills these first and never reads them.
@@ -242,17 +248,8 @@ class MemoryState:
         if config is not None:
             metadata["config"] = json.dumps(config_fingerprint(config), sort_keys=True)
         tensors = {"memory": self.memory.detach().contiguous().cpu(), "provenance": self.provenance.contiguous()}
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        handle, tmp_path = tempfile.mkstemp(prefix=".memory-", suffix=".tmp", dir=folder)
-        os.close(handle)
-        try:
-            save_file(tensors, tmp_path, metadata=metadata)
-            os.replace(tmp_path, path)
-        except BaseException:
-            if os.path.exists(tmp_path):
-                os.remove(tmp_path)
-            raise
+        metadata[CHECKSUM_KEY] = checksum(tensors, metadata)
+        _write_atomically(tensors, metadata, os.fspath(path))
 
     @classmethod
     def load(
@@ -262,6 +259,7 @@ class MemoryState:
         tensors, metadata = _read_safetensors(path)
         if metadata.get("format") != FORMAT:
             raise ValueError(f"{path}: not a MemoryLLM memory file (format={metadata.get('format')!r}).")
+        _verify_checksum(path, tensors, metadata)
         if set(tensors) != {"memory", "provenance"}:
             raise ValueError(f"{path}: expected tensors 'memory' and 'provenance', found {sorted(tensors)}.")
         memory, provenance = tensors["memory"], tensors["provenance"]
@@ -277,6 +275,59 @@ class MemoryState:
             raise ValueError(f"{path}: bad metadata {metadata!r}.") from error
         memory = memory.to(device=device, dtype=dtype or memory.dtype)
         return cls(memory, initialized, provenance, injections)
+
+
+def checksum(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """SHA-256 over the metadata (but the checksum itself) and each tensor's name, dtype, shape and bytes."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps({k: v for k, v in metadata.items() if k != CHECKSUM_KEY}, sort_keys=True).encode())
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().contiguous().cpu()
+        digest.update(f"\0{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # the raw bytes, any dtype (bf16 too)
+    return digest.hexdigest()
+
+
+def _verify_checksum(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Refuses a damaged file. Files of format version 1 (no checksum) load with a warning."""
+    saved = metadata.get(CHECKSUM_KEY)
+    if saved is None:
+        if metadata.get("format_version", "1") != "1":
+            raise ValueError(f"{path}: the checksum is missing (format version {metadata.get('format_version')!r}).")
+        logger.warning("%s: a memory file without checksum (format version 1): damage cannot be detected.", path)
+        return
+    if saved != checksum(tensors, metadata):
+        raise ValueError(f"{path}: checksum mismatch: the file is damaged (a flipped bit or a partial write).")
+
+
+def _write_atomically(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str) -> None:
+    """A temporary file in the same folder, flushed to disk, then renamed over `path`: a crash at any point leaves
+    either the previous file or the new one, never a mix."""
+    folder = os.path.dirname(os.path.abspath(path))
+    handle, tmp_path = tempfile.mkstemp(prefix=".memory-", suffix=".tmp", dir=folder)
+    os.close(handle)
+    try:
+        save_file(tensors, tmp_path, metadata=metadata)
+        _fsync(tmp_path)
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+    _fsync(folder)  # the rename itself
+
+
+def _fsync(path: str) -> None:
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. folders cannot be opened on Windows
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:  # some file systems cannot sync folders
+        pass
+    finally:
+        os.close(descriptor)
 
 
 def _read_safetensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -311,4 +362,4 @@ def _check_against_config(path, memory: torch.Tensor, metadata: dict[str, str], 
         raise ValueError(f"{path}: made for a different model config ({', '.join(differs)} differ: {saved}).")
 
 
-__all__ = ["MemoryState", "MemoryUpdate", "compute_update", "config_fingerprint"]
+__all__ = ["MemoryState", "MemoryUpdate", "checksum", "compute_update", "config_fingerprint"]
