@@ -22,6 +22,7 @@ import importlib  # noqa: E402
 import importlib.util  # noqa: E402
 import logging  # noqa: E402
 import pathlib  # noqa: E402
+import secrets  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -64,6 +65,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 # ------------------------------------------------------------------------------------------------------ settings
+OPTIONAL_SETTING_TYPES = {"seed": int}  # settings that default to None but are not strings
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything an operator can set, each from an environment variable `MEMORYLLM_<NAME>`."""
@@ -80,6 +84,7 @@ class Settings:
     max_new_tokens: int = 48
     concurrency: int = 2  # model calls (inject, ask) running at once; others wait in Gradio's queue
     queue_size: int = 32  # waiting events beyond this are refused ("queue is full")
+    seed: int | None = None  # seeds each session's own drop generator (with its id); unset: random per process
 
     @classmethod
     def from_env(cls, env: dict | None = None) -> "Settings":
@@ -88,7 +93,7 @@ class Settings:
         for item in fields(cls):
             raw = env.get(f"MEMORYLLM_{item.name.upper()}")
             if raw not in (None, ""):
-                kind = type(item.default) if item.default is not None else str
+                kind = type(item.default) if item.default is not None else OPTIONAL_SETTING_TYPES.get(item.name, str)
                 values[item.name] = kind(raw)
         return cls(**values)
 
@@ -157,14 +162,17 @@ def gpu(duration: int) -> Callable:
 
 
 @gpu(duration=120)
-def injection_steps(model_key: int, state: MemoryState, chunks: list[list[int]]) -> Iterator[tuple]:
+def injection_steps(
+    model_key: int, state: MemoryState, chunks: list[list[int]], generator: torch.Generator | None = None
+) -> Iterator[tuple]:
     """Inject `chunks` (token ids, each at most `max_inject_length` long) one after another into a copy of
-    `state`. Yields `(chunks done, None)` per chunk, then `(len(chunks), the new state)`. `state` never changes."""
+    `state`, drawing the random drops from `generator`. Yields `(chunks done, None)` per chunk, then
+    `(len(chunks), the new state)`. `state` never changes."""
     model = _MODELS[model_key]
     work = state.clone()
     with torch.no_grad():
         for done, ids in enumerate(chunks, 1):
-            model.inject(ids, memory=work, show_progress=False)
+            model.inject(ids, memory=work, generator=generator, show_progress=False)
             yield done, None
     yield len(chunks), work
 
@@ -225,9 +233,17 @@ class Session:
     so a reader can use the `state` it took without locking."""
 
     state: MemoryState
+    generator: torch.Generator = field(default_factory=torch.Generator)  # this session's random drops, only
     lock: threading.Lock = field(default_factory=threading.Lock)
     last_used: float = 0.0
     notice: str | None = None  # told to the visitor once: why their memory is empty again
+
+
+def session_generator(seed: int, sid: str) -> torch.Generator:
+    """The drop generator of session `sid`: which rows an injection drops depends on this session's own history
+    only, never on what other visitors did in between."""
+    digest = hashlib.sha256(f"{seed}:{sid}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
 class SessionStore:
@@ -247,7 +263,9 @@ class SessionStore:
         warm_prefixes: int = 4,
         on_drop: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        seed: int | None = None,
     ):
+        self.seed = secrets.randbits(63) if seed is None else seed
         self._new_state, self.ttl, self.max_sessions = new_state, ttl, max(1, max_sessions)
         self.warm_prefixes, self._on_drop, self._clock = warm_prefixes, on_drop, clock
         self._sessions: OrderedDict[str, Session] = OrderedDict()  # least recently used first
@@ -262,7 +280,8 @@ class SessionStore:
             self._drop_idle(now)
             session = self._sessions.get(sid)
             if session is None:
-                session = Session(self._new_state(), notice=self._dropped.pop(sid, None))
+                generator = session_generator(self.seed, sid)
+                session = Session(self._new_state(), generator, notice=self._dropped.pop(sid, None))
                 self._sessions[sid] = session
             session.last_used = now
             self._sessions.move_to_end(sid)
@@ -410,7 +429,12 @@ class MemorySpace:
         self.download_dir = pathlib.Path(tempfile.mkdtemp(prefix="memoryllm-space-"))
         atexit.register(shutil.rmtree, self.download_dir, ignore_errors=True)
         self.store = SessionStore(
-            self.new_state, settings.session_ttl, settings.max_sessions, settings.warm_prefixes, self._forget_files
+            self.new_state,
+            settings.session_ttl,
+            settings.max_sessions,
+            settings.warm_prefixes,
+            self._forget_files,
+            seed=settings.seed,
         )
 
     def new_state(self) -> MemoryState:
@@ -465,7 +489,7 @@ class MemorySpace:
             new_state = None
             progress((0, len(chunks)), desc="Injecting", unit="chunks")
             try:
-                for done, result in injection_steps(self.key, session.state, chunks):
+                for done, result in injection_steps(self.key, session.state, chunks, session.generator):
                     progress((done, len(chunks)), desc="Injecting", unit="chunks")
                     new_state = result if result is not None else new_state
             except ValueError as error:

@@ -207,11 +207,44 @@ def test_session_store_drops_idle_and_least_recent_sessions():
     assert "without activity" in store.get("b").notice and store.get("z").notice is None
 
 
+def test_byte_tokenizer_decodes_one_id_like_a_list(golden):
+    tokenizer = golden.tokenizer
+    assert tokenizer.decode(ord("a") + 3) == tokenizer.decode([ord("a") + 3]) == "a"
+    assert tokenizer.decode(torch.tensor(ord("b") + 3)) == "b" and tokenizer.decode(511) == "[511]"
+
+
+def test_each_session_draws_its_drops_from_its_own_generator(golden):
+    """Golden A drops random rows at every injection. A session's memory must depend on its own injections only:
+    interleaving another session's injections changes nothing, and equals a fresh memory injected with the
+    session's generator."""
+    app = load_app_module()
+    space = app.MemorySpace(golden, app.Settings(seed=1234, memory_dtype="float32"))
+    texts_a, texts_b = [TEXT_A, TEXT_B[::-1]], [TEXT_B, TEXT_A[::-1]]
+    for text_a, text_b in zip(texts_a, texts_b):
+        space.inject(text_a, types.SimpleNamespace(session_hash="a"), progress=lambda *args, **kwargs: None)
+        space.inject(text_b, types.SimpleNamespace(session_hash="b"), progress=lambda *args, **kwargs: None)
+
+    def alone(texts, generator):
+        state = golden.new_memory_state(dtype=torch.float32)
+        for text in texts:
+            golden.inject(
+                golden.tokenizer(text, add_special_tokens=False)["input_ids"], memory=state, generator=generator
+            )
+        return state.memory
+
+    assert torch.equal(space.store.get("a").state.memory, alone(texts_a, app.session_generator(1234, "a")))
+    assert torch.equal(space.store.get("b").state.memory, alone(texts_b, app.session_generator(1234, "b")))
+    # the drops do depend on the generator, so the equalities above could fail
+    assert not torch.equal(alone(texts_a, app.session_generator(1234, "a")), alone(texts_a, torch.Generator()))
+    assert app.session_generator(1234, "a").initial_seed() != app.session_generator(4321, "a").initial_seed()
+
+
 def test_settings_from_environment():
     app = load_app_module()
     env = {"MEMORYLLM_MAX_SESSIONS": "3", "MEMORYLLM_SESSION_TTL": "60", "MEMORYLLM_MEMORY_DTYPE": "float32"}
-    settings = app.Settings.from_env(env)
+    settings = app.Settings.from_env(env | {"MEMORYLLM_SEED": "7"})
     assert (settings.max_sessions, settings.session_ttl, settings.memory_dtype) == (3, 60.0, "float32")
+    assert settings.seed == 7 and app.Settings.from_env(env).seed is None
     assert settings.model is None and settings.max_inject_chars == 20_000
     with pytest.raises(ValueError, match="MEMORYLLM_DTYPE"):
         app.Settings.from_env({"MEMORYLLM_DTYPE": "int8"})

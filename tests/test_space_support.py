@@ -42,7 +42,8 @@ class ByteTokenizer:
         return BatchEncoding({"input_ids": ids, "attention_mask": [1] * len(ids)})
 
     def decode(self, ids, skip_special_tokens: bool = False, **kwargs) -> str:
-        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids
+        ids = [ids] if isinstance(ids, int) else list(ids)  # one id, as `tokenizer.decode(5)` takes too
         pieces, raw = [], bytearray()
         for i in ids:
             if self.offset <= i < self.offset + 256:
