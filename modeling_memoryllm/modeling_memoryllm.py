@@ -149,9 +149,9 @@ class MemoryLLMModel(MemoryLLMPreTrainedModel, LlamaModel):
                         setattr(parent, name, lora)
 
 
-def layer_key_values(layer: nn.Module, rows: torch.Tensor, rotary_emb: nn.Module, start: int = 0):
+def layer_key_values(layer: nn.Module, rows: torch.Tensor, rotary_emb: nn.Module):
     """
-    Keys and values that decoder `layer` caches for prefix `rows` `[B, P, d]` at positions `start..start+P-1`:
+    Keys and values that decoder `layer` caches for prefix `rows` `[B, P, d]` at positions `0..P-1`:
     input norm, k/v projections (active adapter), RoPE on the keys. Returns two `[B, Hkv, P, hd]` tensors.
     """
     attention = layer.self_attn
@@ -159,7 +159,7 @@ def layer_key_values(layer: nn.Module, rows: torch.Tensor, rotary_emb: nn.Module
     shape = (*rows.shape[:2], -1, attention.head_dim)
     keys = attention.k_proj(hidden).view(shape).transpose(1, 2)
     values = attention.v_proj(hidden).view(shape).transpose(1, 2)
-    positions = torch.arange(start, start + rows.shape[1], device=rows.device).unsqueeze(0)
+    positions = torch.arange(rows.shape[1], device=rows.device).unsqueeze(0)
     cos, sin = rotary_emb(hidden, positions)  # [1, P, hd]
     keys = keys * cos.unsqueeze(1) + rotate_half(keys) * sin.unsqueeze(1)
     return keys, values

@@ -37,6 +37,15 @@ def load_golden(attn_implementation: str = "sdpa", dtype=torch.float32):
 
 
 @pytest.fixture(scope="session")
+def saved_folder(tmp_path_factory) -> pathlib.Path:
+    """Golden A written by `save_pretrained`: a Hub-ready folder with `auto_map` and the remote-code files.
+    Shared by the test files: treat it as read-only."""
+    folder = tmp_path_factory.mktemp("saved_golden")
+    load_golden().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def golden_model():
     return load_golden()
 

@@ -35,7 +35,6 @@ from modeling_memoryllm import MemoryState  # noqa: E402
 from modeling_memoryllm import memory_state as memory_module  # noqa: E402
 from modeling_memoryllm.memory_state import CHECKSUM_KEY, FORMAT, checksum, config_fingerprint  # noqa: E402
 from modeling_memoryllm.modeling_memoryllm import REMOTE_CODE_FILES  # noqa: E402
-from tests.conftest import load_golden  # noqa: E402
 from tests.tiny import tiny_config  # noqa: E402
 
 
@@ -663,13 +662,6 @@ except OSError:
 result["controls"] = {k: list(v) for k, v in events.items()}
 print(json.dumps(result))
 """
-
-
-@pytest.fixture(scope="module")
-def saved_folder(tmp_path_factory) -> pathlib.Path:
-    folder = tmp_path_factory.mktemp("remote_code")
-    load_golden().save_pretrained(folder)
-    return folder
 
 
 def test_remote_code_opens_no_connection_evaluates_no_string_and_unpickles_nothing(saved_folder, tmp_path):

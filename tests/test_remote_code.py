@@ -3,14 +3,11 @@
 import ast
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
 import pytest
 import torch
-
-from tests.conftest import load_golden
 
 
 REMOTE_CHECK = r"""
@@ -35,13 +32,6 @@ for auto in (AutoModelForCausalLM, AutoModel):
         results[auto.__name__]["generated"] = model.generate(fixtures["input.prompt_e"], max_new_tokens=3).shape[1]
 print(json.dumps(results))
 """
-
-
-@pytest.fixture(scope="module")
-def saved_folder(tmp_path_factory) -> pathlib.Path:
-    folder = tmp_path_factory.mktemp("hub_folder")
-    load_golden().save_pretrained(folder)
-    return folder
 
 
 def test_saved_folder_layout(saved_folder):

@@ -325,3 +325,20 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def grouped_bars(groups: list[str], series: dict[str, list[float]], ylabel: str, title: str, path, ylim=None):
+    """A bar chart with one group of bars per entry of `groups` and one bar per series (a condition) in each;
+    `series[name][i]` is the height of that condition's bar in group `i`. Saved as PNG next to `path`."""
+    plt = pyplot()
+    figure, axis = plt.subplots(figsize=(max(6, 1.4 * len(groups)), 4))
+    width = 0.8 / max(1, len(series))
+    for offset, (name, heights) in enumerate(series.items()):
+        axis.bar([i + offset * width for i in range(len(groups))], heights, width, label=name)
+    axis.set_xticks([i + width * (len(series) - 1) / 2 for i in range(len(groups))], groups)
+    axis.set_ylabel(ylabel)
+    if ylim is not None:
+        axis.set_ylim(*ylim)
+    axis.legend()
+    axis.set_title(title)
+    return save_figure(figure, path)

@@ -133,20 +133,9 @@ def aggregate(samples: list[dict], conditions: list[str]) -> dict:
 
 
 def plot(results: dict, path, title: str):
-    plt = common.pyplot()
-    figure, axis = plt.subplots(figsize=(8, 4))
-    aggregates = results["aggregates"]
     labels = ["efficacy", "generalization", "specificity", "score"]
-    width = 0.8 / max(1, len(aggregates))
-    for offset, (name, values) in enumerate(aggregates.items()):
-        positions = [i + offset * width for i in range(len(labels))]
-        axis.bar(positions, [values[label] for label in labels], width, label=name)
-    axis.set_xticks([i + width * (len(aggregates) - 1) / 2 for i in range(len(labels))], labels)
-    axis.set_ylabel("%")
-    axis.set_ylim(0, 100)
-    axis.legend()
-    axis.set_title(title)
-    return common.save_figure(figure, path)
+    series = {name: [values[label] for label in labels] for name, values in results["aggregates"].items()}
+    return common.grouped_bars(labels, series, "%", title, path, ylim=(0, 100))
 
 
 # ------------------------------------------------------------------------------------------------------------ run

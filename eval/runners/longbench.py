@@ -135,19 +135,10 @@ def aggregate(samples: list[dict], conditions: list[str]) -> dict:
 
 
 def plot(results: dict, path, title: str):
-    plt = common.pyplot()
     aggregates = results["aggregates"]
     tasks = list(next(iter(aggregates.values()))["tasks"]) if aggregates else []
-    figure, axis = plt.subplots(figsize=(max(6, 1.4 * len(tasks)), 4))
-    width = 0.8 / max(1, len(aggregates))
-    for offset, (name, values) in enumerate(aggregates.items()):
-        positions = [i + offset * width for i in range(len(tasks))]
-        axis.bar(positions, [values["tasks"][task]["f1"] for task in tasks], width, label=name)
-    axis.set_xticks([i + width * (len(aggregates) - 1) / 2 for i in range(len(tasks))], tasks)
-    axis.set_ylabel("QA F1 (x100)")
-    axis.legend()
-    axis.set_title(title)
-    return common.save_figure(figure, path)
+    series = {name: [values["tasks"][task]["f1"] for task in tasks] for name, values in aggregates.items()}
+    return common.grouped_bars(tasks, series, "QA F1 (x100)", title, path)
 
 
 # ------------------------------------------------------------------------------------------------------------ run
