@@ -3,6 +3,7 @@ Timings are not checked (CI machines are noisy); the 8B-shape code path runs on 
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -92,8 +93,10 @@ def test_quick_measure_details(quick):
         assert gpu["skipped"] is True and "GPU" in gpu["reason"]
 
 
-def test_soak_mode(tmp_path):
+def test_soak_mode(tmp_path, capsys):
     assert main(["--soak", "96", "--soak-memories", "8", "--out", str(tmp_path)]) == 0
+    progress = re.findall(r"soak: ([\d,]+) / 96 injections", capsys.readouterr().err)
+    assert progress and progress[-1] == "96" and len(progress) <= 11  # each further tenth, and the end
     result = json.loads((tmp_path / "soak.json").read_text())["soak"]
     assert result["injections"] == 96 and result["memories"] == 8
     assert set(result["checks"]) == {"finite", "norm_bounded", "rss_flat", "time_flat"}

@@ -222,13 +222,28 @@ def replot(out_dir: str) -> list[str]:
     return [*paths, write_table(out_dir)]
 
 
+def soak_progress(total: int, every: float = 0.1):
+    """A `soak(on_record=...)` callback that logs each further tenth of the run."""
+    reported = [0.0]
+
+    def report(record: dict) -> None:
+        if record["injections"] >= total * (reported[0] + every) or record["injections"] >= total:
+            reported[0] = record["injections"] / total
+            log(
+                f"soak: {record['injections']:,} / {total:,} injections, RMS {record['rms']:.4f}, "
+                f"{record['seconds_per_injection'] * 1e3:.3f} ms each, finite {record['finite']}"
+            )
+
+    return report
+
+
 def run_soak(args: argparse.Namespace, device: torch.device) -> list[str]:
     from .soak import soak
 
     log(f"soak: {args.soak:,} injections into {args.soak_memories} tiny memories")
     machine = machine_info(torch.device("cpu"))
     start = time.perf_counter()
-    result = soak(args.soak, memories=args.soak_memories)
+    result = soak(args.soak, memories=args.soak_memories, on_record=soak_progress(args.soak))
     result = {
         "schema": SCHEMA,
         "mode": "soak",

@@ -4,6 +4,7 @@ norm stays bounded, RSS stays flat and the time per injection stays flat."""
 
 import math
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -32,8 +33,16 @@ RSS_GROWTH = 0.10  # RSS may grow by at most this fraction (after the first tent
 TIME_GROWTH = 1.5  # the median time per injection in the last tenth vs the first tenth
 
 
-def soak(total: int, memories: int = 16, text_tokens: int = 16, points: int = 200, seed: int = 0) -> dict:
-    """`total` injections (rounded up to whole batches of `memories`), `points` records along the way."""
+def soak(
+    total: int,
+    memories: int = 16,
+    text_tokens: int = 16,
+    points: int = 200,
+    seed: int = 0,
+    on_record: Callable[[dict], None] | None = None,
+) -> dict:
+    """`total` injections (rounded up to whole batches of `memories`), `points` records along the way, each also
+    passed to `on_record` (e.g. to report progress)."""
     model = tiny_model(seed=seed, **SOAK_CONFIG)
     states = [model.new_memory_state() for _ in range(memories)]
     generator = torch.Generator().manual_seed(seed)
@@ -47,6 +56,8 @@ def soak(total: int, memories: int = 16, text_tokens: int = 16, points: int = 20
             if done % every == 0 or done >= total:
                 now = time.perf_counter()
                 records.append(_record(states, done, (now - window_start) / (done - window_done)))
+                if on_record is not None:
+                    on_record(records[-1])
                 window_start, window_done = now, done
     return _soak_result(records, total, memories, text_tokens, model.config)
 
