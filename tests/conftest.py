@@ -1,7 +1,10 @@
 """Shared fixtures: the golden checkpoint A in the released layout, and its reference numbers."""
 
+import json
 import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -36,6 +39,16 @@ def load_golden(attn_implementation: str = "sdpa", dtype=torch.float32):
     return model.eval()
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`): tiny tensors
+    are not worth sharing out, and on a shared 2-core CI machine two OpenMP threads mostly wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def saved_folder(tmp_path_factory) -> pathlib.Path:
     """Golden A written by `save_pretrained`: a Hub-ready folder with `auto_map` and the remote-code files.
@@ -52,3 +65,17 @@ def golden_model():
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float = 1e-4) -> None:
     torch.testing.assert_close(actual.float(), expected.float(), atol=tol, rtol=tol)
+
+
+def run_offline_script(script: str, *args: str, cwd: pathlib.Path, unset: tuple[str, ...] = (), **env: str) -> dict:
+    """Runs `script` in a fresh Python process (`sys.argv[1:]` = `args`) in `cwd`, offline (HF_HUB_OFFLINE, remote
+    code cached under `cwd/modules`), with `env` added and the variables in `unset` removed. It must exit 0; returns
+    the JSON object it printed last."""
+    environment = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(cwd / "modules"), **env)
+    for name in unset:
+        environment.pop(name, None)
+    completed = subprocess.run(
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, env=environment, cwd=cwd, timeout=300
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return json.loads(completed.stdout.strip().splitlines()[-1])

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from modeling_memoryllm import cli, default
+from tests.conftest import run_offline_script
 from tests.test_remote_code import REMOTE_CHECK
 
 
@@ -120,17 +121,8 @@ def test_convert_golden_gives_a_hub_folder(golden_dir, tmp_path):
     from huggingface_hub import ModelCard
 
     assert "memoryllm" in ModelCard.load(out / "README.md").data.tags
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
-    completed = subprocess.run(
-        [sys.executable, "-c", REMOTE_CHECK, str(out), str(golden_dir / "fixtures.safetensors")],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=300,
-    )
-    assert completed.returncode == 0, completed.stderr[-2000:]
-    assert json.loads(completed.stdout.splitlines()[-1])["AutoModelForCausalLM"]["d_error"] < 1e-4
+    results = run_offline_script(REMOTE_CHECK, str(out), str(golden_dir / "fixtures.safetensors"), cwd=tmp_path)
+    assert results["AutoModelForCausalLM"]["d_error"] < 1e-4
     half = tmp_path / "hub16"
     assert cli.main(["convert", str(golden_dir / "checkpoint"), str(half), "--dtype", "bfloat16"]) == 0
     ratio = (half / "model.safetensors").stat().st_size / (out / "model.safetensors").stat().st_size

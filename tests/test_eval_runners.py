@@ -18,6 +18,7 @@ from tests.conftest import GOLDEN_A
 
 pytest.importorskip("evaluate")
 pytest.importorskip("matplotlib")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # these runs are many small ops
 
 from eval import __main__ as eval_main  # noqa: E402
 from eval import data  # noqa: E402
@@ -45,15 +46,6 @@ def byte_tokenizer(vocab_size: int = 512):
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tokenizer.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: these runs are many small ops, which a second thread slows down on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

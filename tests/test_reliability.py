@@ -10,6 +10,7 @@ import pytest
 
 
 pytest.importorskip("hypothesis")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny matrices: one thread beats two contended ones
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -53,15 +54,6 @@ def char_level_fast_tokenizer():
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
     )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is faster than two contended ones, and keeps the file fast on shared CI."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

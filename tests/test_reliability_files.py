@@ -18,8 +18,6 @@ import pickle
 import re
 import signal
 import struct
-import subprocess
-import sys
 
 import pytest
 
@@ -35,6 +33,7 @@ from modeling_memoryllm import MemoryState  # noqa: E402
 from modeling_memoryllm import memory_state as memory_module  # noqa: E402
 from modeling_memoryllm.memory_state import CHECKSUM_KEY, FORMAT, checksum, config_fingerprint  # noqa: E402
 from modeling_memoryllm.modeling_memoryllm import REMOTE_CODE_FILES  # noqa: E402
+from tests.conftest import run_offline_script  # noqa: E402
 from tests.tiny import tiny_config  # noqa: E402
 
 
@@ -665,18 +664,9 @@ print(json.dumps(result))
 
 
 def test_remote_code_opens_no_connection_evaluates_no_string_and_unpickles_nothing(saved_folder, tmp_path):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), OMP_NUM_THREADS="1")
-    env.pop("PYTHONPATH", None)
-    completed = subprocess.run(
-        [sys.executable, "-c", GUARD, str(saved_folder), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=300,
+    result = run_offline_script(
+        GUARD, str(saved_folder), str(tmp_path), cwd=tmp_path, unset=("PYTHONPATH",), OMP_NUM_THREADS="1"
     )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    result = json.loads(completed.stdout.strip().splitlines()[-1])
     assert result["module"].startswith("transformers_modules")  # the remote code ran, not the package
     assert result["generated"] == 6 and result["same"]
     assert result["network"] == [], result["network"]

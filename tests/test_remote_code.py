@@ -2,12 +2,12 @@
 
 import ast
 import json
-import os
-import subprocess
 import sys
 
 import pytest
 import torch
+
+from tests.conftest import run_offline_script
 
 
 REMOTE_CHECK = r"""
@@ -60,18 +60,8 @@ def test_remote_code_files_import_only_allowed_modules(saved_folder):
 
 
 def test_fresh_process_loads_with_trust_remote_code(saved_folder, golden_dir, tmp_path):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
     fixtures = str(golden_dir / "fixtures.safetensors")
-    completed = subprocess.run(
-        [sys.executable, "-c", REMOTE_CHECK, str(saved_folder), fixtures],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=300,
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    results = json.loads(completed.stdout.strip().splitlines()[-1])
+    results = run_offline_script(REMOTE_CHECK, str(saved_folder), fixtures, cwd=tmp_path)
     for auto_name in ("AutoModelForCausalLM", "AutoModel"):
         result = results[auto_name]
         assert result["class"] == "MemoryLLMForCausalLM"
