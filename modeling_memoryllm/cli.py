@@ -9,7 +9,8 @@ import time
 import torch
 from transformers import AutoTokenizer, TextStreamer
 
-from .default import PASSAGE, DefaultModelMissing, chat_prompt, load_default
+from .default import PASSAGE, DefaultModelMissing, load_default
+from .serving import chat_prompt
 from .memory_state import MemoryState
 from .modeling_memoryllm import MemoryLLMForCausalLM
 

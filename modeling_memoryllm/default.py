@@ -110,12 +110,3 @@ def _load_trained_adapters(model: MemoryLLMForCausalLM) -> None:
     weights = load_file(ADAPTERS)
     model.load_state_dict(weights, strict=False)
     logger.info("Loaded %d trained adapter tensors from %s.", len(weights), ADAPTERS)
-
-
-def chat_prompt(tokenizer, question: str, answer_prefix: str = "Answer:") -> str:
-    """The question as a chat turn with `answer_prefix` opening the assistant's reply, or, for a tokenizer without
-    a chat template, the paper's prompt `"Questions: {question} Answer:"`."""
-    if getattr(tokenizer, "chat_template", None):
-        turn = [{"role": "user", "content": question}]
-        return tokenizer.apply_chat_template(turn, add_generation_prompt=True, tokenize=False) + answer_prefix
-    return f"Questions: {question} Answer:"

@@ -43,7 +43,8 @@ if importlib.util.find_spec("modeling_memoryllm") is None and (HERE.parent / "mo
     sys.path.insert(0, str(HERE.parent))  # run from a checkout of the repository: use its package
 
 from modeling_memoryllm import MemoryLLMForCausalLM, MemoryState  # noqa: E402
-from modeling_memoryllm.default import PASSAGE, WHEEL, DefaultModelMissing, chat_prompt, load_default  # noqa: E402
+from modeling_memoryllm.default import PASSAGE, WHEEL, DefaultModelMissing, load_default  # noqa: E402
+from modeling_memoryllm.serving import chat_prompt  # noqa: E402
 from modeling_memoryllm.memory_state import EMPTY_ROWS, INITIAL_ROWS  # noqa: E402
 
 

@@ -10,7 +10,7 @@ Baselines in the same run: the model with an empty memory (no injection), and wi
 import argparse
 import random
 
-from modeling_memoryllm.default import chat_prompt
+from modeling_memoryllm.serving import chat_prompt
 
 from . import common
 
