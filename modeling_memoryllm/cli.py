@@ -10,9 +10,9 @@ import torch
 from transformers import AutoTokenizer, TextStreamer
 
 from .default import PASSAGE, DefaultModelMissing, load_default
-from .serving import chat_prompt
 from .memory_state import MemoryState
 from .modeling_memoryllm import MemoryLLMForCausalLM
+from .serving import chat_prompt
 
 
 DEMO_QUESTIONS = (

@@ -44,8 +44,8 @@ if importlib.util.find_spec("modeling_memoryllm") is None and (HERE.parent / "mo
 
 from modeling_memoryllm import MemoryLLMForCausalLM, MemoryState  # noqa: E402
 from modeling_memoryllm.default import PASSAGE, WHEEL, DefaultModelMissing, load_default  # noqa: E402
-from modeling_memoryllm.serving import chat_prompt  # noqa: E402
 from modeling_memoryllm.memory_state import EMPTY_ROWS, INITIAL_ROWS  # noqa: E402
+from modeling_memoryllm.serving import chat_prompt  # noqa: E402
 
 
 logger = logging.getLogger("memoryllm_space")
