@@ -8,8 +8,9 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .cache_memoryllm import MemoryPrefixCache
 from .configuration_memoryllm import MemoryLLMConfig
+from .lora import active_adapter
 from .memory_state import MemoryState
-from .modeling_memoryllm import MemoryLLMForCausalLM, active_adapter
+from .modeling_memoryllm import MemoryLLMForCausalLM
 
 
 AutoConfig.register("memoryllm", MemoryLLMConfig, exist_ok=True)

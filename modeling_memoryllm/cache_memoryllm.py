@@ -1,10 +1,21 @@
-"""A KV cache whose first rows are the memory prefix, computed once per memory version and never copied per call."""
+"""
+The memory prefix and the cache that holds it.
+
+Every layer `l` reads `[bos_l, memory[l]]` as keys/values at positions `0..P-1`; the text follows. This module computes
+those prefix keys/values (`prefix_key_values`), caches the reading prefix on the memory state once per memory version
+(`reading_prefix`), puts it in front of a cache (`cache_with_prefix`), and gives the text its positions and key mask
+(`text_positions`, `prefixed_mask`). `MemoryPrefixCache` is a `DynamicCache` whose first rows are the prefix: its
+`prefix_length` and `prefix_written` say how many leading rows are memory and which of them attention may see.
+"""
 
 import threading
 import weakref
 
 import torch
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.models.llama.modeling_llama import rotate_half
+
+from .lora import active_adapter
 
 
 # Spare rows allocated after a prefix, so that a query and its generated tokens are written in place.
@@ -21,13 +32,12 @@ class SharedPrefix:
 
     def __init__(
         self,
-        key: tuple | None,
         keys: list[torch.Tensor],
         values: list[torch.Tensor],
         spare: int = SPARE_ROWS,
         written: torch.Tensor | None = None,
     ):
-        self.key = key
+        self.key: tuple | None = None  # set when cached on a memory state (`MemoryState.keep_prefix`)
         self.length = keys[0].shape[-2]  # P
         self.written = written  # [P] bool: prefix rows that may be attended to; None: all of them
         self.key_buffers = [_with_spare(k, spare) for k in keys]  # each [1, Hkv, P + spare, hd]
@@ -130,16 +140,17 @@ class MemoryPrefixCache(DynamicCache):
     A `DynamicCache` that starts with the memory prefix (`[bos, memory]` keys/values of every layer).
 
     Created empty (so `generate` sees no past tokens), it is filled by the model on the first forward with
-    `attach_prefix`. `memory_prefix_length` says how many leading rows belong to the memory: positions and
-    attention masks of the text are offset by it. Batch size 1 leases the prefix buffers of the memory version and
-    writes its tokens after them in place; larger batches (or a buffer already leased) copy the prefix once.
+    `attach_prefix`. `prefix_length` says how many leading rows belong to the memory: positions and attention
+    masks of the text are offset by it; `prefix_written` (`[B, P]` bool, or `None` when every row is read) says
+    which of them attention may see. Batch size 1 leases the prefix buffers of the memory version and writes its
+    tokens after them in place; larger batches (or a buffer already leased) copy the prefix once.
     """
 
     def __init__(self):
         super().__init__()
         self.layer_class_to_replicate = PrefixLayer
-        self.memory_prefix_length = 0
-        self.memory_prefix_written: torch.Tensor | None = None  # [B, P] bool, or None when every row is read
+        self.prefix_length = 0
+        self.prefix_written: torch.Tensor | None = None
 
     def attach_prefix(self, prefixes: list[SharedPrefix], batch_size: int) -> None:
         """Start every layer with the prefix of `prefixes[i]` in batch row `i` (one prefix: every row)."""
@@ -152,8 +163,8 @@ class MemoryPrefixCache(DynamicCache):
             else:
                 layer.attach(*_private_buffers([p.layer(idx) for p in prefixes], batch_size), prefixes[0].length)
             self.layers.append(layer)
-        self.memory_prefix_length = prefixes[0].length
-        self.memory_prefix_written = written_mask(prefixes, batch_size)
+        self.prefix_length = prefixes[0].length
+        self.prefix_written = written_mask(prefixes, batch_size)
 
 
 def written_mask(prefixes: list[SharedPrefix], batch_size: int) -> torch.Tensor | None:
@@ -171,4 +182,131 @@ def _private_buffers(rows: list[tuple[torch.Tensor, torch.Tensor]], batch_size: 
     return _with_spare(keys, SPARE_ROWS), _with_spare(values, SPARE_ROWS)
 
 
-__all__ = ["MemoryPrefixCache", "PrefixLayer", "SharedPrefix", "written_mask"]
+# ----------------------------------------------------------------------------------------- computing prefixes
+def layer_key_values(layer, rows: torch.Tensor, rotary_emb):
+    """
+    Keys and values that decoder `layer` caches for prefix `rows` `[B, P, d]` at positions `0..P-1`:
+    input norm, k/v projections (active adapter), RoPE on the keys. Returns two `[B, Hkv, P, hd]` tensors.
+    """
+    attention = layer.self_attn
+    hidden = layer.input_layernorm(rows)
+    shape = (*rows.shape[:2], -1, attention.head_dim)
+    keys = attention.k_proj(hidden).view(shape).transpose(1, 2)
+    values = attention.v_proj(hidden).view(shape).transpose(1, 2)
+    positions = torch.arange(rows.shape[1], device=rows.device).unsqueeze(0)
+    cos, sin = rotary_emb(hidden, positions)  # [1, P, hd]
+    keys = keys * cos.unsqueeze(1) + rotate_half(keys) * sin.unsqueeze(1)
+    return keys, values
+
+
+def prefix_key_values(model, memory: torch.Tensor, rows: slice, adapter: str | None):
+    """Per layer, keys/values `[1, Hkv, P, hd]` of `[bos_l, memory[l, rows]]` at positions `0..P-1`."""
+    keys, values = [], []
+    with active_adapter(adapter):
+        for idx, layer in enumerate(model.model.layers):
+            weight = layer.input_layernorm.weight
+            prefix = memory[idx, rows].to(device=weight.device, dtype=weight.dtype)  # [R, d]
+            if model.bos_embedding is not None:
+                prefix = torch.cat([model.bos_embedding[idx].to(prefix.device, prefix.dtype), prefix])
+            layer_keys, layer_values = layer_key_values(layer, prefix.unsqueeze(0), model.model.rotary_emb)
+            keys.append(layer_keys)
+            values.append(layer_values)
+    return keys, values
+
+
+def reading_prefix(model, state) -> SharedPrefix:
+    """The prefix that forward/generate read, computed once per memory version (outside training) and cached on
+    the state under a key of everything else it depends on."""
+    weight = model.model.embed_tokens.weight
+    adapter = model.config.generation_adapter
+    key = (id(model), model.weights_version, weight.device, weight.dtype, adapter)
+    cached = None if model.training else state.cached_prefix(key)
+    if cached is not None:
+        return cached
+    with torch.set_grad_enabled(model.training and torch.is_grad_enabled()):
+        keys, values = prefix_key_values(model, state.memory, slice(None), adapter)
+    prefix = SharedPrefix(keys, values, written=model.variant.prefix_written(state))
+    if not model.training:
+        state.keep_prefix(key, prefix)
+    return prefix
+
+
+def injection_prefix(model, state, rows: slice, spare: int) -> SharedPrefix:
+    """The prefix `[bos, memory rows]` that an injection reads, with `spare` rows for the queries."""
+    keys, values = prefix_key_values(model, state.memory, rows, model.config.injection_adapter)
+    return SharedPrefix(keys, values, spare=spare, written=model.variant.prefix_written(state, rows))
+
+
+def cache_with_prefix(model, cache: Cache | None, states, batch_size: int):
+    """The cache to run with, holding the memory prefix when the memory is read; and the prefix length."""
+    if cache is not None and cache.get_seq_length() > 0:  # continuing: the prefix is already inside
+        return cache, prefix_of(cache, model, states, batch_size)[0]
+    if not model.variant.reads(states[0]):
+        return cache, 0
+    prefixes = [reading_prefix(model, state) for state in states]
+    if cache is None or isinstance(cache, MemoryPrefixCache):
+        cache = cache if cache is not None else MemoryPrefixCache()
+        cache.attach_prefix(prefixes, batch_size)
+        return cache, cache.prefix_length
+    for idx in range(model.config.num_hidden_layers):  # a cache of another type: fill it (one copy)
+        keys = torch.cat([p.layer(idx)[0] for p in prefixes]).expand(batch_size, -1, -1, -1)
+        values = torch.cat([p.layer(idx)[1] for p in prefixes]).expand(batch_size, -1, -1, -1)
+        cache.update(keys, values, idx)
+    return cache, prefixes[0].length
+
+
+def prefix_of(cache: Cache | None, model, states, batch_size: int) -> tuple[int, torch.Tensor | None]:
+    """The prefix length and `[B, P]` written mask of `cache`: a `MemoryPrefixCache` says them itself; for a cache
+    of another type they follow from the memory that is read (the variant's prefix layout)."""
+    if cache is None:
+        return 0, None
+    if isinstance(cache, MemoryPrefixCache):
+        return cache.prefix_length, cache.prefix_written
+    if not model.variant.reads(states[0]):
+        return 0, None
+    masks = [model.variant.prefix_written(state) for state in states]
+    if all(mask is None for mask in masks):
+        return model.config.prefix_length, None
+    length = model.config.prefix_length
+    rows = [mask if mask is not None else torch.ones(length, dtype=torch.bool) for mask in masks]
+    return length, torch.stack(rows).expand(batch_size, -1)
+
+
+# ------------------------------------------------------------------------------------- positions and masks
+def text_positions(attention_mask, past_length: int, prefix_length: int, query_length: int, device) -> torch.Tensor:
+    """Positions `[B or 1, q]` of the new text rows: after the prefix, counting only unpadded text tokens."""
+    if attention_mask is None:
+        return torch.arange(past_length, past_length + query_length, device=device).unsqueeze(0)
+    counted = attention_mask.long().cumsum(-1) - 1  # [B, T_total]
+    return prefix_length + counted[:, -query_length:].clamp(min=0)
+
+
+def prefixed_mask(attention_mask, prefix: tuple[int, torch.Tensor | None], batch_size: int, text_length: int):
+    """
+    The key mask `[B, P + T]` for a text mask `[B, T]` (or `None`: no padding) behind a memory prefix `(P, written)`
+    whose never-written rows are not read. `None` when every key is visible (then attention needs no mask).
+    """
+    prefix_length, written = prefix
+    text_padded = attention_mask is not None and not bool(attention_mask.all())
+    if written is None and not text_padded:
+        return None
+    device = attention_mask.device if attention_mask is not None else written.device
+    text = attention_mask if attention_mask is not None else torch.ones(batch_size, text_length, device=device)
+    rows = written if written is not None else torch.ones(batch_size, prefix_length, dtype=torch.bool)
+    return torch.cat([rows.to(device=text.device, dtype=text.dtype).expand(batch_size, -1), text], dim=1)
+
+
+__all__ = [
+    "MemoryPrefixCache",
+    "PrefixLayer",
+    "SharedPrefix",
+    "cache_with_prefix",
+    "injection_prefix",
+    "layer_key_values",
+    "prefix_key_values",
+    "prefix_of",
+    "prefixed_mask",
+    "reading_prefix",
+    "text_positions",
+    "written_mask",
+]

@@ -3,9 +3,6 @@
 from transformers import LlamaConfig
 
 
-WRITE_RULES = ("output", "input")
-
-
 class MemoryLLMConfig(LlamaConfig):
     r"""
     Configuration of a [`MemoryLLMForCausalLM`]: every field of [`LlamaConfig`] plus the memory options.
@@ -25,10 +22,13 @@ class MemoryLLMConfig(LlamaConfig):
             `r`, `lora_alpha`, `lora_dropout`, `target_modules` of the adapters, as in PEFT. `None`: no adapters.
         max_inject_length (`int`, defaults to 512):
             Longer injected text is split into chunks of this many tokens, injected in order.
-        memory_write_rule (`str`, defaults to `"output"`):
-            `"output"` stores the OUTPUT of layer `l` in layer `l`'s memory, as the released checkpoints do.
-            `"input"` stores layer `l`'s own INPUT, which makes the memory a compressed KV cache of the injected
-            text that an untrained backbone can read (the training-free mode).
+        memory_variant (`str`, *optional*):
+            The family member whose memory rules apply (see `variants.py`): `"memoryllm-8b"` (the released 8B /
+            8B-chat: layer `l` stores its OUTPUT in layer `l`'s memory), `"training-free"` (layer `l` stores its own
+            INPUT rows, so the memory is a compressed KV cache of the text that an untrained backbone reads),
+            `"memoryllm-7b"` (the paper's 7B). The legacy `memory_write_rule` names `"output"` and `"input"` are
+            read as `"memoryllm-8b"` and `"training-free"`. When absent, a released config is recognised by its
+            keys (e.g. the 7B's `interpolate_position_ids`), else it is `"memoryllm-8b"`.
     """
 
     model_type = "memoryllm"
@@ -40,28 +40,39 @@ class MemoryLLMConfig(LlamaConfig):
     add_decoder_lora: bool = True
     lora_config: dict | None = None
     max_inject_length: int = 512
-    memory_write_rule: str = "output"
+    memory_variant: str | None = None
 
     def __post_init__(self, **kwargs):
+        from .variants import canonical_name, get_variant, recognise_released
+
         # Stored by the released config but derived (num_tokens * num_blocks): never kept twice.
         kwargs.pop("num_memory_tokens", None)
+        legacy_rule = kwargs.pop("memory_write_rule", None)
+        raw = {**kwargs, "lora_config": self.lora_config}
+        self.memory_variant = canonical_name(self.memory_variant or legacy_rule or recognise_released(raw))
         super().__post_init__(**kwargs)
         if self.num_tokens < 1 or self.num_blocks < 1:
             raise ValueError(f"num_tokens and num_blocks must be >= 1, got {self.num_tokens}, {self.num_blocks}")
-        if self.memory_write_rule not in WRITE_RULES:
-            raise ValueError(f"memory_write_rule must be one of {WRITE_RULES}, got {self.memory_write_rule!r}")
         if self.max_inject_length < 1:
             raise ValueError(f"max_inject_length must be >= 1, got {self.max_inject_length}")
+        get_variant(self).adapt_config(self)
+
+    @property
+    def variant(self):
+        """The rules of `memory_variant` (a `variants.MemoryVariant` for this config)."""
+        from .variants import get_variant
+
+        return get_variant(self)
 
     @property
     def memory_rows(self) -> int:
-        """Rows per layer in the memory pool, `M = num_tokens * num_blocks`."""
-        return self.num_tokens * self.num_blocks
+        """Rows per layer in the memory that is read whole (`M = num_tokens * num_blocks` for MemoryLLM)."""
+        return self.variant.memory_rows(self)
 
     @property
     def prefix_length(self) -> int:
         """Rows that the memory adds in front of every query: the bos row (if any) plus the memory."""
-        return int(self.add_bos_embedding) + self.memory_rows
+        return self.variant.prefix_length(self)
 
     @property
     def adapter_names(self) -> tuple[str, ...]:

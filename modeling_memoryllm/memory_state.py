@@ -4,7 +4,6 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import dataclass
 
 import torch
 from safetensors import safe_open
@@ -36,88 +35,6 @@ def config_fingerprint(config: MemoryLLMConfig) -> dict[str, int]:
         "num_blocks": config.num_blocks,
         "vocab_size": config.vocab_size,
     }
-
-
-def drop_count(config: MemoryLLMConfig, new_rows: int) -> int:
-    """Rows dropped by an update of `new_rows` rows into an initialised memory (the released rule)."""
-    if new_rows == config.num_tokens:
-        return int(config.memory_rows * (1 / config.num_blocks))
-    return new_rows
-
-
-@dataclass
-class MemoryUpdate:
-    """The result of one update, not yet committed to a state."""
-
-    memory: torch.Tensor  # [L, M, d]
-    provenance: torch.Tensor  # [L, M] int64, CPU
-
-
-def kept_row_indices(config: MemoryLLMConfig, keep: int, generator: torch.Generator | None) -> torch.Tensor:
-    """Ascending indices of the rows that survive an update: `[L, keep]` per layer, or `[keep]` shared."""
-    draws = config.num_hidden_layers if config.drop_memory_per_layer else 1
-    rows = [torch.randperm(config.memory_rows, generator=generator)[:keep].sort().values for _ in range(draws)]
-    return torch.stack(rows) if config.drop_memory_per_layer else rows[0]
-
-
-def compute_update(
-    memory: torch.Tensor,  # [L, M, d]
-    provenance: torch.Tensor,  # [L, M]
-    initialized: bool,
-    delta: torch.Tensor,  # [L, T', d]
-    injection_id: int,
-    config: MemoryLLMConfig,
-    generator: torch.Generator | None = None,
-) -> MemoryUpdate:
-    """The memory after writing `delta`: tiling when uninitialised, else random drop plus append."""
-    num_layers, num_rows, _ = memory.shape
-    new_rows = delta.shape[1]
-    delta = delta.to(device=memory.device, dtype=memory.dtype)
-    new_ids = torch.full((num_layers, new_rows), injection_id, dtype=torch.long)
-    if config.memory_write_rule == "input":
-        return _fill_then_evict(memory, provenance, delta, new_ids, config, generator)
-    if not initialized:
-        if new_rows >= num_rows:
-            return MemoryUpdate(delta[:, -num_rows:].clone(), new_ids[:, -num_rows:].clone())
-        copies, remainder = divmod(num_rows, new_rows)
-        tiled = [delta] * copies + ([delta[:, new_rows - remainder :]] if remainder else [])
-        return MemoryUpdate(torch.cat(tiled, dim=1), new_ids[:, :1].expand(num_layers, num_rows).clone())
-    if new_rows > num_rows:
-        raise ValueError(f"A delta of {new_rows} rows does not fit a memory of {num_rows} rows per layer.")
-    keep = num_rows - drop_count(config, new_rows)
-    kept = kept_row_indices(config, keep, generator)  # [L, keep] or [keep]
-    return _keep_and_append(memory, provenance, kept, delta, new_ids)
-
-
-def _keep_and_append(memory, provenance, kept: torch.Tensor, delta, new_ids) -> MemoryUpdate:
-    """`[memory rows at kept (ascending); delta]`, with `kept` shared `[keep]` or per layer `[L, keep]`."""
-    if kept.dim() == 1:
-        kept_memory, kept_ids = memory[:, kept.to(memory.device)], provenance[:, kept]
-    else:
-        index = kept.to(memory.device).unsqueeze(-1).expand(-1, -1, memory.shape[-1])
-        kept_memory, kept_ids = memory.gather(1, index), provenance.gather(1, kept)
-    return MemoryUpdate(torch.cat([kept_memory, delta], dim=1), torch.cat([kept_ids, new_ids], dim=1))
-
-
-def _fill_then_evict(memory, provenance, delta, new_ids, config: MemoryLLMConfig, generator) -> MemoryUpdate:
-    """The training-free rule's update: new rows replace never-written rows first (the first ones, the same in every
-    layer, so that which rows are empty never depends on the layer); once the memory is full, random old rows go,
-    as in the released rule. Rows keep their order; new rows are appended."""
-    num_rows, new_rows = memory.shape[1], min(delta.shape[1], memory.shape[1])
-    delta, new_ids = delta[:, -new_rows:], new_ids[:, -new_rows:]
-    empty = (provenance[0] == EMPTY_ROWS).nonzero().squeeze(1)
-    written = (provenance[0] != EMPTY_ROWS).nonzero().squeeze(1)
-    keep_written = min(len(written), num_rows - new_rows)
-    keep_empty = num_rows - new_rows - keep_written
-    if keep_written == len(written):  # room enough: only never-written rows go
-        kept = torch.cat([written, empty[len(empty) - keep_empty :]]).sort().values
-        return _keep_and_append(memory, provenance, kept, delta, new_ids)
-    draws = config.num_hidden_layers if config.drop_memory_per_layer else 1
-    picks = [
-        written[torch.randperm(len(written), generator=generator)[:keep_written]].sort().values for _ in range(draws)
-    ]
-    kept = torch.stack(picks) if config.drop_memory_per_layer else picks[0]
-    return _keep_and_append(memory, provenance, kept, delta, new_ids)
 
 
 class MemoryState:
@@ -162,7 +79,19 @@ class MemoryState:
         self.provenance = provenance.to(device="cpu", dtype=torch.long)
         self.injections = int(injections)
         self.version = 0
-        self._prefix_cache = None  # derived from memory; see MemoryLLMForCausalLM
+        self._prefix = None  # the reading prefix derived from this memory version: see `cached_prefix`
+
+    @classmethod
+    def bound_to(cls, memory: torch.Tensor, flag: torch.Tensor, like: "MemoryState | None" = None) -> "MemoryState":
+        """A state whose rows and flag ARE `memory` `[L, M, d]` and the 0-dim uint8 `flag` (a model's own parameter
+        and buffer), keeping the provenance summary and count of `like` when given."""
+        provenance = like.provenance if like is not None and like.provenance.shape == memory.shape[:2] else None
+        return cls(memory, flag, provenance, like.injections if like is not None else 0)
+
+    def is_bound_to(self, memory: torch.Tensor, flag: torch.Tensor) -> bool:
+        """Whether this state still uses `memory`'s storage and `flag` itself (see `bound_to`)."""
+        same = self.memory.data_ptr() == memory.data_ptr() and self.memory.device == memory.device
+        return same and self._initialized_flag is flag
 
     @classmethod
     def empty(cls, config: MemoryLLMConfig, device=None, dtype=torch.float32) -> "MemoryState":
@@ -197,15 +126,62 @@ class MemoryState:
     def mark_changed(self) -> None:
         """Call after changing `memory` in place by hand, so that cached prefixes are recomputed."""
         self.version += 1
-        self._prefix_cache = None
+        self._prefix = None
 
-    def commit(self, update: MemoryUpdate, injections: int) -> None:
-        """Write an update into this state's own tensors, in place."""
+    # ---------------------------------------------------------------------------------------- derived prefix
+    @property
+    def prefix(self):
+        """The reading prefix (a `SharedPrefix`) cached for the current memory version, or `None`."""
+        return self._prefix
+
+    def cached_prefix(self, key: tuple):
+        """The reading prefix cached for `key`, or `None`. The key names everything the prefix depends on besides
+        this memory version (the model, its weights' version, device, dtype, adapter), so it is never stale."""
+        prefix = self._prefix
+        return prefix if prefix is not None and prefix.key == (self.version, *key) else None
+
+    def keep_prefix(self, key: tuple, prefix) -> None:
+        """Cache `prefix` (with attribute `key`) for this memory version and `key`."""
+        prefix.key = (self.version, *key)
+        self._prefix = prefix
+
+    # ------------------------------------------------------------------------------------------------ updates
+    def tiled(self, delta: torch.Tensor, injection: int) -> "MemoryState":
+        """The first write into an empty memory: `delta` `[L, n, d]` repeated (then its last rows) to fill it,
+        or its last `M` rows when it is that long. A new state."""
+        num_layers, num_rows, _ = self.memory.shape
+        delta = delta.to(device=self.memory.device, dtype=self.memory.dtype)
+        new_rows = delta.shape[1]
+        if new_rows >= num_rows:
+            rows = delta[:, -num_rows:].clone()
+        else:
+            copies, remainder = divmod(num_rows, new_rows)
+            rows = torch.cat([delta] * copies + ([delta[:, new_rows - remainder :]] if remainder else []), dim=1)
+        provenance = torch.full((num_layers, num_rows), injection, dtype=torch.long)
+        return MemoryState(rows, True, provenance, injection)
+
+    def appended(self, kept: torch.Tensor, delta: torch.Tensor, injection: int) -> "MemoryState":
+        """`[rows at kept (ascending); delta]`, with `kept` shared `[keep]` or per layer `[L, keep]`. A new state
+        (differentiable in `delta` and the kept rows); `injection` numbers the new rows in the provenance."""
+        memory, provenance = self.memory, self.provenance
+        delta = delta.to(device=memory.device, dtype=memory.dtype)
+        if kept.dim() == 1:
+            kept_rows, kept_ids = memory[:, kept.to(memory.device)], provenance[:, kept]
+        else:
+            index = kept.to(memory.device).unsqueeze(-1).expand(-1, -1, memory.shape[-1])
+            kept_rows, kept_ids = memory.gather(1, index), provenance.gather(1, kept)
+        new_ids = torch.full((memory.shape[0], delta.shape[1]), injection, dtype=torch.long)
+        rows, ids = torch.cat([kept_rows, delta], dim=1), torch.cat([kept_ids, new_ids], dim=1)
+        return MemoryState(rows, True, ids, injection)
+
+    def take(self, other: "MemoryState") -> None:
+        """Become `other` (an update computed from this state), in place: this state's own tensors keep their
+        storage, so a state bound to a model's parameter keeps that parameter current."""
         with torch.no_grad():
-            self.memory.copy_(update.memory)
-            self._initialized_flag.fill_(1)
-        self.provenance.copy_(update.provenance)
-        self.injections = injections
+            self.memory.copy_(other.memory)
+            self._initialized_flag.fill_(int(other.initialized))
+        self.provenance.copy_(other.provenance)
+        self.injections = other.injections
         self.mark_changed()
 
     def assign(self, memory: torch.Tensor, initialized: bool = True) -> None:
@@ -362,4 +338,4 @@ def _check_against_config(path, memory: torch.Tensor, metadata: dict[str, str], 
         raise ValueError(f"{path}: made for a different model config ({', '.join(differs)} differ: {saved}).")
 
 
-__all__ = ["MemoryState", "MemoryUpdate", "checksum", "compute_update", "config_fingerprint"]
+__all__ = ["EMPTY_ROWS", "INITIAL_ROWS", "MemoryState", "checksum", "config_fingerprint"]

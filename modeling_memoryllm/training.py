@@ -29,6 +29,7 @@ from transformers.utils import logging
 
 from .memory_state import MemoryState
 from .modeling_memoryllm import MemoryLLMForCausalLM
+from .variants import canonical_name
 
 
 logger = logging.get_logger(__name__)
@@ -51,7 +52,7 @@ class TrainConfig:
     output_dir: str = "runs/memoryllm-train"
     corpus: str = "../shared/data/corpus/books-train.jsonl.gz"
     heldout: str = "../shared/data/corpus/books-heldout.jsonl.gz"
-    memory_write_rule: str = "output"
+    memory_variant: str = "memoryllm-8b"  # or "training-free" (the legacy names "output" / "input" work too)
     num_tokens: int = 256
     num_blocks: int = 8
     lora_rank: int = 8
@@ -153,7 +154,7 @@ def prepare_model(config: TrainConfig) -> MemoryLLMForCausalLM:
     lora = {"r": config.lora_rank, "lora_alpha": 2 * config.lora_rank, "lora_dropout": 0.0}
     lora["target_modules"] = ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
     options = dict(num_tokens=config.num_tokens, num_blocks=config.num_blocks, lora_config=lora)
-    options.update(memory_write_rule=config.memory_write_rule, max_inject_length=config.chunk_length)
+    options.update(memory_variant=config.memory_variant, max_inject_length=config.chunk_length)
     if config.backbone == "default":
         from .default import default_gguf_path
 
@@ -186,7 +187,7 @@ def save_checkpoint(folder: pathlib.Path, model, optimizer, step: int, config: T
 
     staging = folder.with_name(folder.name + ".tmp")
     staging.mkdir(parents=True, exist_ok=True)
-    metadata = {"step": str(step), "memory_write_rule": config.memory_write_rule}
+    metadata = {"step": str(step), "memory_variant": canonical_name(config.memory_variant)}
     save_file(trainable_state(model), staging / "adapters.safetensors", metadata=metadata)
     save_file(optimizer_tensors(model, optimizer), staging / "optimizer.safetensors", metadata=metadata)
     if folder.exists():

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from modeling_memoryllm import MemoryState
-from modeling_memoryllm.memory_state import compute_update
 from tests.conftest import assert_close, load_golden
 
 
@@ -106,7 +105,8 @@ def test_drop_rule_kept_rows_then_delta(fixtures, golden_model):
     torch.manual_seed(123)
     M0 = fixtures["input.memory_M0"]
     provenance = torch.zeros(M0.shape[:2], dtype=torch.long)
-    update = compute_update(M0, provenance, True, fixtures["b.delta_memory"][0], 1, golden_model.config)
+    state = MemoryState(M0, True, provenance)
+    update = golden_model.variant.update(state, fixtures["b.delta_memory"][0], 1)
     kept = fixtures["f.kept_indices"]  # [L, keep]
     expected = torch.cat([torch.stack([M0[l, kept[l]] for l in range(M0.shape[0])]), fixtures["b.delta_memory"][0]], 1)
     assert_close(update.memory, expected, tol=0)

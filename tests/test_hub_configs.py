@@ -38,7 +38,7 @@ LLAMA_3_8B = {
     "add_decoder_lora": True,
     "lora_config": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": LORA_TARGETS},
     "max_inject_length": 512,
-    "memory_write_rule": "output",
+    "memory_variant": "memoryllm-8b",
 }
 # Each variant: the config fields it must have, its RoPE, generation ids and card metadata.
 VARIANTS = {
@@ -77,7 +77,7 @@ VARIANTS = {
             "add_decoder_lora": True,
             "lora_config": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": LORA_TARGETS},
             "max_inject_length": 256,
-            "memory_write_rule": "input",
+            "memory_variant": "training-free",
         },
         "rope": {"rope_type": "default", "rope_theta": 100000.0},
         "generation": {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2},
@@ -246,7 +246,7 @@ def test_model_card_body(name):
 def test_default_card_states_the_training_free_mode():
     text = ModelCard.load(folder("smollm2-135m-memoryllm") / "README.md").text
     assert "training-free memory mode" in text
-    assert '`memory_write_rule: "input"`' in text
+    assert '`memory_variant: "training-free"`' in text
     assert "**input** hidden states" in text
     assert "compressed KV cache" in text
     assert "adapters are untrained" in text

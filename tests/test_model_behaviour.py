@@ -44,17 +44,17 @@ def test_backends_agree(model):
 def test_prefix_is_computed_once_per_memory_version_and_not_copied(model):
     state = model.memory_state.clone()
     model(ids([3, 4]), memory=state)
-    prefix = state._prefix_cache
+    prefix = state.prefix
     assert prefix is not None
     output = model(ids([5, 6, 7]), memory=state)
-    assert state._prefix_cache is prefix  # reused, not recomputed
+    assert state.prefix is prefix  # reused, not recomputed
     cache = getattr(output, "cache", None) or output.past_key_values
     assert cache.layers[0].keys.data_ptr() == prefix.key_buffers[0].data_ptr()  # leased in place, no copy
     cached_logits = output.logits
-    state._prefix_cache = None  # force recomputation
+    state.mark_changed()  # force recomputation
     assert_close(cached_logits, model(ids([5, 6, 7]), memory=state).logits, tol=1e-6)
     model.inject(list(range(10, 20)), memory=state)
-    assert state._prefix_cache is None  # a new memory version drops the cached prefix
+    assert state.prefix is None  # a new memory version drops the cached prefix
     assert not torch.allclose(model(ids([5, 6, 7]), memory=state).logits, cached_logits)
 
 

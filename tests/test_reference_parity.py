@@ -9,7 +9,6 @@ import torch
 from safetensors.torch import load_file
 
 from modeling_memoryllm import MemoryLLMConfig, MemoryLLMForCausalLM, MemoryState
-from modeling_memoryllm.memory_state import compute_update
 from tests.conftest import assert_close
 from tests.reference_memoryllm import (
     ref_drop_count,
@@ -249,12 +248,12 @@ def test_compute_update(model_b, set_b):
     ref_delta, _ = ref_inject_delta(sd, cfg, m0(set_b), True, ids[3 * N + 2])
     provenance = torch.zeros(L, N * K, dtype=torch.long)
     gen = torch.Generator().manual_seed(5)
-    update = compute_update(m0(set_b), provenance, True, ref_delta, 1, model_b.config, gen)
+    update = model_b.variant.update(MemoryState(m0(set_b), True, provenance), ref_delta, 1, gen)
     assert_drop_and_append(cfg, m0(set_b), update.memory, ref_delta)
     assert bool((update.provenance[:, -N:] == 1).all()) and bool((update.provenance[:, :-N] == 0).all())
     for rows in (N, N - 3, 3 * N + 1):  # tiling with and without remainder, and truncation
         delta = torch.randn(L, rows, cfg["hidden_size"], generator=gen)
-        update = compute_update(m0(set_b), provenance, False, delta, 1, model_b.config, gen)
+        update = model_b.variant.update(MemoryState(m0(set_b), False, provenance), delta, 1, gen)
         assert_close(update.memory, ref_update(cfg, m0(set_b), False, delta), tol=0)
 
 

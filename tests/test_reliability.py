@@ -17,9 +17,7 @@ import torch  # noqa: E402
 from hypothesis import HealthCheck, event, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from modeling_memoryllm import MemoryState  # noqa: E402
-from modeling_memoryllm import modeling_memoryllm as modeling  # noqa: E402
-from modeling_memoryllm.memory_state import compute_update  # noqa: E402
+from modeling_memoryllm import MemoryState, injection  # noqa: E402
 from tests.tiny import tiny_model  # noqa: E402
 
 
@@ -116,15 +114,12 @@ def assert_same_state(actual: MemoryState, expected: MemoryState, tol: float = 0
 
 @torch.no_grad()
 def reference_inject(model, ids: list[int], state: MemoryState, generator: torch.Generator) -> MemoryState:
-    """Chunk by chunk through the public pieces: `compute_delta` on each unpadded chunk, then `compute_update`."""
+    """Chunk by chunk through the public pieces: `compute_delta` on each unpadded chunk, then the variant's update."""
     for start in range(0, len(ids), model.config.max_inject_length):
         chunk = torch.tensor([ids[start : start + model.config.max_inject_length]])
         delta = model.compute_delta(chunk, memory=state)[0]
         injections = state.injections + 1
-        update = compute_update(
-            state.memory, state.provenance, state.initialized, delta, injections, model.config, generator
-        )
-        state.commit(update, injections)
+        state.take(model.variant.update(state, delta, injections, generator))
     return state
 
 
@@ -609,16 +604,13 @@ def crash_on_call(real, crash_at: int, error: BaseException):
 
 
 @pytest.mark.parametrize("error", [Crash("boom"), KeyboardInterrupt(), MemoryError()], ids=lambda e: type(e).__name__)
-@pytest.mark.parametrize("where", ["compute_update", "_inject_group", "_injection_pass"])
+@pytest.mark.parametrize("where", ["update", "inject_group", "injection_pass"])
 @pytest.mark.parametrize("target", ["own", "clone", "batched"])
 def test_crash_in_the_middle_of_inject_changes_nothing(model, monkeypatch, error, where, target):
     """40 tokens: 4 chunks, so the crash (2nd call) comes after a chunk was already computed."""
-    if where == "compute_update":
-        wrapper, calls = crash_on_call(modeling.compute_update, 2, error)
-        monkeypatch.setattr(modeling, "compute_update", wrapper)
-    else:
-        wrapper, calls = crash_on_call(getattr(model, where), 2, error)
-        monkeypatch.setattr(model, where, wrapper)
+    owner = type(model.variant) if where == "update" else injection  # the variant's rule, or the injection pass
+    wrapper, calls = crash_on_call(getattr(owner, where), 2, error)
+    monkeypatch.setattr(owner, where, wrapper)
     text = list(range(10, 50))
     if target == "batched":
         states = [model.memory_state.clone(), model.new_memory_state()]
@@ -628,14 +620,14 @@ def test_crash_in_the_middle_of_inject_changes_nothing(model, monkeypatch, error
         inputs, memory = text, None if target == "own" else states[0]
     befores = [snapshot(s) for s in states]
     parameter, flag = model.memory.detach().clone(), model.initialized.clone()
-    prefix = model.memory_state._prefix_cache
+    prefix = model.memory_state.prefix
     with pytest.raises(type(error)):
         model.inject(inputs, memory=memory, generator=torch.Generator().manual_seed(0))
     assert calls["n"] == 2
     for state, before in zip(states, befores):
         assert_unchanged(state, before)
     assert torch.equal(model.memory, parameter) and torch.equal(model.initialized, flag)
-    assert model.memory_state._prefix_cache is prefix  # no cached reading prefix was dropped either
+    assert model.memory_state.prefix is prefix  # no cached reading prefix was dropped either
     monkeypatch.undo()
     retry = states[0].clone()  # and the memory still works: the same injection now succeeds
     model.inject(text, memory=retry, generator=torch.Generator().manual_seed(0))

@@ -111,8 +111,8 @@ def no_unpickling(monkeypatch):
 )
 def test_save_then_load_is_bit_exact(tmp_path_factory, dtype, injections, initialized, seed, with_config):
     folder = tmp_path_factory.mktemp("roundtrip")
-    state = make_state(seed, dtype=dtype, injections=injections)
-    state._initialized_flag.fill_(int(initialized))
+    made = make_state(seed, dtype=dtype, injections=injections)
+    state = MemoryState(made.memory, initialized, made.provenance, made.injections)
     path = folder / "memory.safetensors"
     state.save(path, config=CONFIG if with_config else None)
     state.save(path, config=CONFIG if with_config else None)  # overwriting works the same

@@ -50,7 +50,7 @@ def golden():
     # 4 injections of 8 rows before anything is evicted, so `expected_answer` recomputes each session's memory
     # without random drops. (Drops under golden A's released rule come from each session's own generator:
     # tests/test_space_app.py checks that interleaved sessions keep what they would keep alone.)
-    model.config.memory_write_rule = "input"
+    model.config.memory_variant = "training-free"
     return model
 
 

@@ -106,7 +106,7 @@ def test_resume_continues_from_the_checkpoint(tmp_path):
 
 def test_config_from_yaml_and_command_line(tmp_path):
     path = tmp_path / "train.yaml"
-    path.write_text("steps: 7\nmemory_write_rule: input\nlearning_rate: 0.001\n")
+    path.write_text("steps: 7\nmemory_variant: training-free\nlearning_rate: 0.001\n")
     assert parse_config(["--config", str(path)]).steps == 7
     parsed = parse_config(["--steps", "3", "--weight_forget", "0"])
     assert parsed.steps == 3 and parsed.weight_forget == 0
@@ -124,4 +124,4 @@ def test_shipped_accelerate_and_training_configs_parse():
     assert fsdp["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"] == "LlamaDecoderLayer"
     for name in ("train_smollm2.yaml", "train_8b.yaml"):
         parsed = parse_config(["--config", str(folder / name)])
-        assert parsed.steps > 0 and parsed.memory_write_rule in ("output", "input")
+        assert parsed.steps > 0 and parsed.memory_variant in ("memoryllm-8b", "training-free")

@@ -414,7 +414,7 @@ def measure_size(bench: Bench, full: MemoryState, out_dir: str) -> dict:
 def _prefix_bytes(bench: Bench, state: MemoryState) -> int | None:
     """Bytes of the cached prefix buffers of `state` (keys and values of every layer, spare rows included)."""
     prefill(bench.model, bench.query(), state)
-    prefix = state._prefix_cache
+    prefix = state.prefix
     if prefix is None:
         return None
     return sum(t.numel() * t.element_size() for t in (*prefix.key_buffers, *prefix.value_buffers))

@@ -18,7 +18,7 @@ def tiny_config(**overrides) -> MemoryLLMConfig:
         num_tokens=16,
         num_blocks=4,
         max_inject_length=16,
-        memory_write_rule="input",
+        memory_variant="training-free",
         lora_config=None,
         bos_token_id=1,
         eos_token_id=2,
@@ -71,6 +71,6 @@ def model_info(model: MemoryLLMForCausalLM, name: str) -> dict:
         "memory_rows": config.memory_rows,
         "max_inject_length": config.max_inject_length,
         "max_position_embeddings": config.max_position_embeddings,
-        "memory_write_rule": config.memory_write_rule,
+        "memory_variant": config.memory_variant,
         "attn_implementation": config._attn_implementation,
     }

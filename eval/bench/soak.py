@@ -25,7 +25,7 @@ SOAK_CONFIG = dict(
     num_tokens=4,
     num_blocks=3,
     max_inject_length=16,
-    memory_write_rule="output",
+    memory_variant="memoryllm-8b",
     lora_config={"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "k_proj", "v_proj", "gate_proj"]},
 )
 NORM_BOUND = 4.0  # the RMS norm may not exceed this multiple of its first recorded value
