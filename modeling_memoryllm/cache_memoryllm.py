@@ -114,6 +114,11 @@ class PrefixLayer(DynamicLayer):
         else:
             self._key_buffer, self._value_buffer, self._length = self.keys, self.values, self.keys.shape[2]
 
+    def write_rows(self, row: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Overwrite cached rows `start..start+R-1` of batch row `row` with keys/values `[Hkv, R, hd]`."""
+        self._key_buffer[row, :, start : start + keys.shape[1]] = keys
+        self._value_buffer[row, :, start : start + values.shape[1]] = values
+
     def crop(self, tokens_to_remove: int) -> None:
         super().crop(tokens_to_remove)
         self._length = self.keys.shape[2] if self.keys is not None else 0
@@ -151,6 +156,7 @@ class MemoryPrefixCache(DynamicCache):
         self.layer_class_to_replicate = PrefixLayer
         self.prefix_length = 0
         self.prefix_written: torch.Tensor | None = None
+        self.retrieval = None  # M+: fills the retrieved rows of each layer at the prefill (see variant_mplus)
 
     def attach_prefix(self, prefixes: list[SharedPrefix], batch_size: int) -> None:
         """Start every layer with the prefix of `prefixes[i]` in batch row `i` (one prefix: every row)."""
@@ -183,9 +189,9 @@ def _private_buffers(rows: list[tuple[torch.Tensor, torch.Tensor]], batch_size: 
 
 
 # ----------------------------------------------------------------------------------------- computing prefixes
-def layer_key_values(layer, rows: torch.Tensor, rotary_emb):
+def layer_key_values(layer, rows: torch.Tensor, rotary_emb, start: int = 0):
     """
-    Keys and values that decoder `layer` caches for prefix `rows` `[B, P, d]` at positions `0..P-1`:
+    Keys and values that decoder `layer` caches for prefix `rows` `[B, P, d]` at positions `start..start+P-1`:
     input norm, k/v projections (active adapter), RoPE on the keys. Returns two `[B, Hkv, P, hd]` tensors.
     """
     attention = layer.self_attn
@@ -193,19 +199,22 @@ def layer_key_values(layer, rows: torch.Tensor, rotary_emb):
     shape = (*rows.shape[:2], -1, attention.head_dim)
     keys = attention.k_proj(hidden).view(shape).transpose(1, 2)
     values = attention.v_proj(hidden).view(shape).transpose(1, 2)
-    positions = torch.arange(rows.shape[1], device=rows.device).unsqueeze(0)
+    positions = torch.arange(start, start + rows.shape[1], device=rows.device).unsqueeze(0)
     cos, sin = rotary_emb(hidden, positions)  # [1, P, hd]
     keys = keys * cos.unsqueeze(1) + rotate_half(keys) * sin.unsqueeze(1)
     return keys, values
 
 
-def prefix_key_values(model, memory: torch.Tensor, rows: slice, adapter: str | None):
-    """Per layer, keys/values `[1, Hkv, P, hd]` of `[bos_l, memory[l, rows]]` at positions `0..P-1`."""
+def prefix_key_values(model, memory: torch.Tensor, rows: slice, adapter: str | None, slots: int = 0):
+    """Per layer, keys/values `[1, Hkv, P, hd]` of `[bos_l, slots, memory[l, rows]]` at positions `0..P-1`; the
+    `slots` rows (M+'s retrieved rows, filled per query) start as zeros."""
     keys, values = [], []
     with active_adapter(adapter):
         for idx, layer in enumerate(model.model.layers):
             weight = layer.input_layernorm.weight
             prefix = memory[idx, rows].to(device=weight.device, dtype=weight.dtype)  # [R, d]
+            if slots:
+                prefix = torch.cat([prefix.new_zeros(slots, prefix.shape[-1]), prefix])
             if model.bos_embedding is not None:
                 prefix = torch.cat([model.bos_embedding[idx].to(prefix.device, prefix.dtype), prefix])
             layer_keys, layer_values = layer_key_values(layer, prefix.unsqueeze(0), model.model.rotary_emb)
@@ -224,7 +233,9 @@ def reading_prefix(model, state) -> SharedPrefix:
     if cached is not None:
         return cached
     with torch.set_grad_enabled(model.training and torch.is_grad_enabled()):
-        keys, values = prefix_key_values(model, state.memory, slice(None), adapter)
+        keys, values = prefix_key_values(
+            model, state.memory, slice(None), adapter, model.variant.prefix_slots(model.config)
+        )
     prefix = SharedPrefix(keys, values, written=model.variant.prefix_written(state))
     if not model.training:
         state.keep_prefix(key, prefix)
@@ -237,8 +248,9 @@ def injection_prefix(model, state, rows: slice, spare: int) -> SharedPrefix:
     return SharedPrefix(keys, values, spare=spare, written=model.variant.prefix_written(state, rows))
 
 
-def cache_with_prefix(model, cache: Cache | None, states, batch_size: int):
-    """The cache to run with, holding the memory prefix when the memory is read; and the prefix length."""
+def cache_with_prefix(model, cache: Cache | None, states, batch_size: int, attention_mask=None):
+    """The cache to run with, holding the memory prefix when the memory is read; and the prefix length. A variant
+    that retrieves per query (M+) gets a `MemoryPrefixCache` whose `retrieval` fills its slots layer by layer."""
     if cache is not None and cache.get_seq_length() > 0:  # continuing: the prefix is already inside
         return cache, prefix_of(cache, model, states, batch_size)[0]
     if not model.variant.reads(states[0]):
@@ -247,7 +259,10 @@ def cache_with_prefix(model, cache: Cache | None, states, batch_size: int):
     if cache is None or isinstance(cache, MemoryPrefixCache):
         cache = cache if cache is not None else MemoryPrefixCache()
         cache.attach_prefix(prefixes, batch_size)
+        cache.retrieval = model.variant.retrieval(model, states, attention_mask, batch_size)
         return cache, cache.prefix_length
+    if model.variant.prefix_slots(model.config):
+        raise ValueError(f"{model.config.memory_variant} retrieves per query: pass no cache or a MemoryPrefixCache.")
     for idx in range(model.config.num_hidden_layers):  # a cache of another type: fill it (one copy)
         keys = torch.cat([p.layer(idx)[0] for p in prefixes]).expand(batch_size, -1, -1, -1)
         values = torch.cat([p.layer(idx)[1] for p in prefixes]).expand(batch_size, -1, -1, -1)

@@ -120,7 +120,7 @@ def inject_group(model, group, working: list[MemoryState], generator) -> None:
     for row, (index, _) in enumerate(group):
         state = working[index]
         row_generator = generator[index] if isinstance(generator, (list, tuple)) else generator
-        working[index] = model.variant.update(state, delta[row], state.injections + 1, row_generator)
+        working[index] = model.variant.update(state, delta[row], state.injections + 1, row_generator, model=model)
 
 
 __all__ = ["inject_chunks", "injection_pass", "injection_queries"]

@@ -34,6 +34,7 @@ from .validation import (
     tensor_token_lists,
     token_lists,
 )
+from .variants import get_variant
 
 
 # transformers >= 5.24 names the cache argument `cache`; earlier 5.x releases name it `past_key_values`.
@@ -46,6 +47,8 @@ REMOTE_CODE_FILES = (
     "cache_memoryllm.py",
     "variants.py",
     "variant_memoryllm7b.py",
+    "variant_mplus.py",
+    "memory_state_mplus.py",
     "injection.py",
     "validation.py",
     "backbone.py",
@@ -127,12 +130,14 @@ class MemoryLLMForCausalLM(MemoryLLMPreTrainedModel, LlamaForCausalLM):
         self._own_memory_state: MemoryState | None = None
         self._tokenizer = None
         self.weights_version = 0  # bumped by train(): prefixes cached before training are stale
+        self.variant.build(self)
         self.post_init()
 
     @property
     def variant(self):
-        """The memory rules of this model (`config.memory_variant`)."""
-        return self.config.variant
+        """The memory rules of this model (`config.memory_variant`), from this file's own package (a remote-code
+        config may come from another copy of it)."""
+        return get_variant(self.config)
 
     # ----------------------------------------------------------------------------------------------- memory state
     @property
@@ -140,17 +145,19 @@ class MemoryLLMForCausalLM(MemoryLLMPreTrainedModel, LlamaForCausalLM):
         """The model's own memory (the `memory` parameter and `initialized` buffer, updated in place)."""
         state = self._own_memory_state
         if state is None or not state.is_bound_to(self.memory, self.initialized):
-            state = MemoryState.bound_to(self.memory.data, self.initialized, like=state)
+            state = self.variant.bind_state(self, like=state)
             self._own_memory_state = state
         return state
 
     def new_memory_state(self, device=None, dtype=None) -> MemoryState:
         """An empty, uninitialised memory for this model (by default on the memory parameter's device and dtype)."""
-        return MemoryState.empty(self.config, device=device or self.memory.device, dtype=dtype or self.memory.dtype)
+        state_class = self.variant.state_class
+        return state_class.empty(self.config, device=device or self.memory.device, dtype=dtype or self.memory.dtype)
 
     def load_memory_state(self, path: str | os.PathLike, device=None) -> MemoryState:
         """Load a memory saved with `MemoryState.save`, checked against this model's config."""
-        return MemoryState.load(path, config=self.config, device=device or self.memory.device, dtype=self.memory.dtype)
+        state_class = self.variant.state_class
+        return state_class.load(path, config=self.config, device=device or self.memory.device, dtype=self.memory.dtype)
 
     def train(self, mode: bool = True):
         self.weights_version += 1
@@ -181,7 +188,7 @@ class MemoryLLMForCausalLM(MemoryLLMPreTrainedModel, LlamaForCausalLM):
         batch_size, query_length = tokens.shape[:2]
         states = batch_states(memory, self.memory_state, batch_size, self.config)
         with active_adapter(self.config.generation_adapter):
-            cache, prefix_length = cache_with_prefix(self, cache, states, batch_size)
+            cache, prefix_length = cache_with_prefix(self, cache, states, batch_size, attention_mask)
             past_length = cache.get_seq_length() if cache is not None else 0
             positions = text_positions(attention_mask, past_length, prefix_length, query_length, tokens.device)
             text_length = past_length - prefix_length + query_length

@@ -4,6 +4,7 @@ import torch
 from transformers.utils import logging
 
 from .memory_state import MemoryState
+from .variants import get_variant
 
 
 logger = logging.get_logger(__name__)
@@ -75,6 +76,11 @@ def check_state(state, config) -> None:
     """`state` is a memory state of the shape `config` asks for."""
     if not isinstance(state, MemoryState):
         raise ValueError(f"memory must be a MemoryState or a list of them, got {type(state).__name__}.")
+    expected_class = get_variant(config).state_class
+    if not isinstance(state, expected_class):
+        raise ValueError(
+            f"A {config.memory_variant} model reads a {expected_class.__name__}, got {type(state).__name__}."
+        )
     expected = (config.num_hidden_layers, config.memory_rows, config.hidden_size)
     if tuple(state.memory.shape) != expected:
         raise ValueError(f"A memory of shape {tuple(state.memory.shape)} does not fit this model {expected}.")

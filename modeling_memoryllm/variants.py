@@ -27,7 +27,7 @@ _ALIASES: dict[str, str] = {}
 def register_variant(cls: type["MemoryVariant"]) -> type["MemoryVariant"]:
     """Class decorator: make `cls` available under `cls.name` and its `aliases` (e.g. the legacy rule names)."""
     MEMORY_VARIANTS[cls.name] = cls
-    for alias in cls.aliases:
+    for alias in cls.__dict__.get("aliases", ()):  # a subclass does not inherit its parent's aliases
         _ALIASES[alias] = cls.name
     return cls
 
@@ -97,6 +97,22 @@ class MemoryVariant:
     def drops_per_layer(cls, config) -> bool:
         return bool(config.drop_memory_per_layer)
 
+    @classmethod
+    def prefix_slots(cls, config) -> int:
+        """Prefix rows between bos and the memory that are chosen per query (M+'s retrieved rows); 0 here."""
+        return 0
+
+    def build(self, model) -> None:
+        """Add the variant's own modules and parameters to a new `MemoryLLMForCausalLM` (before `post_init`)."""
+
+    def bind_state(self, model, like=None) -> MemoryState:
+        """The model's own memory state, bound to its `memory` parameter and `initialized` buffer."""
+        return self.state_class.bound_to(model.memory.data, model.initialized, like=like)
+
+    def retrieval(self, model, states, attention_mask, batch_size: int):
+        """What fills the per-query prefix rows at a prefill (`None`: there are none)."""
+        return None
+
     # ---------------------------------------------------------------------------------------------- injection
     def injection_plan(self, initialized: bool, length: int) -> InjectionPlan:
         raise NotImplementedError
@@ -107,8 +123,11 @@ class MemoryVariant:
         raise NotImplementedError
 
     # ------------------------------------------------------------------------------------------------- update
-    def update(self, state: MemoryState, delta: torch.Tensor, injection: int, generator=None) -> MemoryState:
-        """The state after writing `delta` `[L, n, d]` as injection number `injection` (a new state)."""
+    def update(
+        self, state: MemoryState, delta: torch.Tensor, injection: int, generator=None, model=None
+    ) -> MemoryState:
+        """The state after writing `delta` `[L, n, d]` as injection number `injection` (a new state). `model` is
+        for variants whose update needs the weights (M+'s retriever keys)."""
         if not state.initialized:
             return state.tiled(delta, injection)
         new_rows, num_rows = delta.shape[1], state.memory.shape[1]
@@ -188,7 +207,9 @@ class TrainingFree(MemoryVariant):
     def written_rows(self, queries, outputs, layer: int, plan: InjectionPlan, initialized: bool, e) -> torch.Tensor:
         return queries[:, -plan.num_new :]
 
-    def update(self, state: MemoryState, delta: torch.Tensor, injection: int, generator=None) -> MemoryState:
+    def update(
+        self, state: MemoryState, delta: torch.Tensor, injection: int, generator=None, model=None
+    ) -> MemoryState:
         """New rows replace never-written rows first (the first ones, the same in every layer, so which rows are empty
         never depends on the layer); once the memory is full, random old rows go. Rows keep their order."""
         num_rows = state.memory.shape[1]
@@ -204,7 +225,9 @@ class TrainingFree(MemoryVariant):
         return state.appended(written[picks], delta, injection)
 
 
-from .variant_memoryllm7b import MemoryLLM7B  # noqa: E402, F401  (registers the variant; at the end: it imports this file)
+# Each import registers a variant; they stand at the end because they import this file.
+from .variant_memoryllm7b import MemoryLLM7B  # noqa: E402, F401
+from .variant_mplus import MPlus  # noqa: E402, F401
 
 
 __all__ = [
