@@ -88,7 +88,7 @@ def running_app(model, **settings):
 
 def expected_answer(model, texts: list[str], question: str, max_new_tokens: int, dtype=torch.bfloat16) -> str:
     """The answer the Space should give after injecting `texts` into a fresh memory (greedy decoding)."""
-    from modeling_memoryllm.cli import answer
+    from modeling_memoryllm.serving import answer
 
     state = model.new_memory_state(device="cpu", dtype=dtype)
     for text in texts:
