@@ -14,7 +14,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from modeling_memoryllm import MemoryState
+from modeling_memoryllm.serving import memory_stats
 from tests.conftest import run_offline_script
+from tests.test_serving import known_state
 from tests.test_space_support import ROOT, expected_answer, golden_with_tokenizer, load_fresh, running_app
 
 
@@ -27,6 +29,7 @@ from memoryllm_space import gpu  # noqa: E402
 from memoryllm_space.handlers import MemorySpace  # noqa: E402
 from memoryllm_space.sessions import SessionStore, session_generator  # noqa: E402
 from memoryllm_space.settings import Settings  # noqa: E402
+from memoryllm_space.views import memory_view, provenance_rows, stats_markdown  # noqa: E402
 
 
 TEXT_A = "Marta keeps three blue herons in a glass barn on the hill above Lindow; she feeds them at dawn."
@@ -252,6 +255,23 @@ def test_settings_from_environment():
     assert settings.model is None and settings.max_inject_chars == 20_000
     with pytest.raises(ValueError, match="MEMORYLLM_DTYPE"):
         Settings.from_env({"MEMORYLLM_DTYPE": "int8"})
+
+
+def test_memory_views_of_a_known_state():
+    stats = memory_stats(known_state())
+    assert stats_markdown(stats) == (
+        "**2 layers × 4 rows** of width 8 (0.000256 MB, float32)  \n"
+        "**Injections absorbed:** 2 · **rows written:** 3 of 4 per layer  \n"
+        "**Rows per layer by injection:** #1: 1.5, #2: 1"
+    )
+    assert provenance_rows(stats) == [
+        ("empty", 1.0, "never written"),
+        ("initial", 0.5, "initial"),
+        ("#1", 1.5, "injection"),
+        ("#2", 1.0, "injection"),
+    ]
+    markdown, chart = memory_view(known_state())
+    assert markdown == stats_markdown(stats) and chart.count("<rect") == 4 and "<title>#1: 1.5 rows</title>" in chart
 
 
 def test_space_files_and_bundle(tmp_path):
