@@ -6,13 +6,11 @@ import pathlib
 import sys
 import time
 
-import torch
-from transformers import AutoTokenizer, TextStreamer
+from transformers import TextStreamer
 
-from .default import PASSAGE, DefaultModelMissing, load_default
+from .default import PASSAGE, DefaultModelMissing
 from .memory_state import MemoryState
-from .modeling_memoryllm import MemoryLLMForCausalLM
-from .serving import chat_prompt
+from .serving import DEFAULT_NAMES, DTYPES, answer, load_model, load_state, memory_stats, resolve_dtype
 
 
 DEMO_QUESTIONS = (
@@ -20,7 +18,6 @@ DEMO_QUESTIONS = (
     "What was the name of the first keeper of the lighthouse?",
     "Which ship's bell is kept in the museum?",
 )
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class CommandError(Exception):
@@ -28,44 +25,12 @@ class CommandError(Exception):
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
-def load_model(path: str | None) -> MemoryLLMForCausalLM:
-    """`None` or "default": the embedded default; a `.gguf` file: a training-free MemoryLLM on it; else a folder."""
-    if path in (None, "default"):
-        return load_default()
-    if not os.path.exists(path):
+def model_at(path: str | None):
+    """The model `--model` names (`serving.load_model`): the embedded default, a `.gguf` file or a local folder;
+    a path that does not exist is a bad input, found before anything loads."""
+    if path not in DEFAULT_NAMES and not os.path.exists(path):
         raise CommandError(f"no model at {path}")
-    if path.endswith(".gguf"):
-        return MemoryLLMForCausalLM.from_backbone(path)
-    model = MemoryLLMForCausalLM.from_pretrained(path).eval()
-    try:
-        model.tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError):
-        pass  # token-id inputs still work; string inputs say what is missing
-    return model
-
-
-def load_state(model: MemoryLLMForCausalLM, path: str | None) -> MemoryState:
-    """The memory in `path` if it exists, else a new empty one."""
-    if path and os.path.exists(path):
-        return model.load_memory_state(path)
-    return model.new_memory_state()
-
-
-def answer(model, state: MemoryState | None, question: str, max_new_tokens: int = 48, stream: bool = False) -> str:
-    """Greedy answer to `question`, reading `state` (an empty memory when `None`)."""
-    tokenizer = model.tokenizer
-    prompt = tokenizer(chat_prompt(tokenizer, question, answer_prefix=""), return_tensors="pt")
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
-    output = model.generate(
-        prompt.input_ids,
-        attention_mask=prompt.attention_mask,
-        memory=state if state is not None else model.new_memory_state(),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        streamer=streamer,
-        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-    )
-    return tokenizer.decode(output[0, prompt.input_ids.shape[1] :], skip_special_tokens=True).strip()
+    return load_model(path)
 
 
 def read_inputs(inputs: list[str]) -> list[str]:
@@ -81,12 +46,13 @@ def read_inputs(inputs: list[str]) -> list[str]:
 
 
 def stats_line(state: MemoryState) -> str:
-    layers, rows, width = state.memory.shape
-    provenance = state.provenance_summary()
-    per_layer = ", ".join(f"#{k}: {v // layers}" for k, v in sorted(provenance.items()) if k)
+    """`serving.memory_stats` in one line."""
+    stats = memory_stats(state)
+    per_layer = ", ".join(f"#{k}: {v:.4g}" for k, v in stats["rows_by_injection"].items())
     return (
-        f"memory {layers} layers x {rows} rows x {width} ({state.nbytes / 1e6:.1f} MB, {state.memory.dtype}); "
-        f"initialized={state.initialized}; injections={state.injections}; rows per layer by injection: "
+        f"memory {stats['layers']} layers x {stats['rows']} rows x {stats['width']} ({stats['megabytes']:.1f} MB, "
+        f"{stats['dtype']}); initialized={stats['initialized']}; injections={stats['injections']}; "
+        f"rows written per layer: {stats['rows_written']} of {stats['rows']}; rows per layer by injection: "
         f"{per_layer or 'none'}"
     )
 
@@ -94,7 +60,7 @@ def stats_line(state: MemoryState) -> str:
 # ----------------------------------------------------------------------------------------------------- commands
 def cmd_demo(args) -> None:
     start = time.perf_counter()
-    model = load_default()
+    model = load_model()
     print(f"Loaded the default model in {time.perf_counter() - start:.1f} s.")
     passage = PASSAGE.read_text(encoding="utf-8")
     state = model.new_memory_state()
@@ -113,7 +79,7 @@ def cmd_demo(args) -> None:
 
 
 def cmd_chat(args) -> None:
-    model = load_model(args.model)
+    model = model_at(args.model)
     state = load_state(model, args.memory)
     print("Ask a question, or: /inject TEXT, /inject-file PATH, /save FILE, /load FILE, /reset, /stats, /quit")
     for line in sys.stdin:
@@ -150,13 +116,13 @@ def chat_step(model, state: MemoryState, line: str) -> MemoryState:
     elif command.startswith("/"):
         raise CommandError(f"unknown command {command}")
     else:
-        answer(model, state, line, stream=True)
+        answer(model, state, line, streamer=TextStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True))
     return state
 
 
 def cmd_inject(args) -> None:
     texts = read_inputs(args.inputs)
-    model = load_model(args.model)
+    model = model_at(args.model)
     state = load_state(model, args.memory)
     model.inject(texts, memory=state, show_progress=True)
     state.save(args.memory, config=model.config)
@@ -166,14 +132,14 @@ def cmd_inject(args) -> None:
 def cmd_ask(args) -> None:
     if not os.path.exists(args.memory):  # before the model loads: bad input costs nothing
         raise CommandError(f"no memory file {args.memory} (create one with `memoryllm inject`)")
-    model = load_model(args.model)
+    model = model_at(args.model)
     print(answer(model, model.load_memory_state(args.memory), args.question, args.max_new_tokens))
 
 
 def cmd_convert(args) -> None:
     from .hub import convert
 
-    written = convert(args.src, args.dst, dtype=DTYPES[args.dtype] if args.dtype else None)
+    written = convert(args.src, args.dst, dtype=resolve_dtype(args.dtype) if args.dtype else None)
     print(f"wrote {len(written)} files to {args.dst}")
 
 

@@ -148,11 +148,12 @@ def answer_stream(
         raise errors[0]
 
 
-def token_chunks(model, text: str) -> list[list[int]]:
-    """`text` as the token-id chunks that `inject` writes one after another (at most `max_inject_length` each)."""
+def token_chunks(model, text: str, encode: Callable | None = None) -> list[list[int]]:
+    """`text` as the token-id chunks that `inject` writes one after another (at most `max_inject_length` each).
+    `encode` replaces `model.tokenizer(...)`, as in `answer_stream`."""
     if not text or not text.strip():
         raise ValueError("Cannot inject empty or whitespace-only text.")
-    ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = (encode or model.tokenizer)(text, add_special_tokens=False)["input_ids"]
     size = model.config.max_inject_length
     return [ids[start : start + size] for start in range(0, len(ids), size)]
 
@@ -171,9 +172,11 @@ def inject_steps(
 
 
 def memory_stats(state: MemoryState) -> dict:
-    """What a front end shows of a memory: shape, bytes, dtype, injections, rows written, rows per injection."""
+    """What a front end shows of a memory: shape, bytes, dtype, injections, rows written, and rows per layer by
+    source (`rows_by_source`: -1 never written, 0 initial rows, n injection n; a mean over the layers, since
+    random drops differ between layers) and by injection only (`rows_by_injection`)."""
     layers, rows, width = state.memory.shape
-    summary = state.provenance_summary()  # {injection: rows over all layers}
+    by_source = {k: v / layers for k, v in sorted(state.provenance_summary().items())}
     return {
         "layers": layers,
         "rows": rows,
@@ -182,9 +185,10 @@ def memory_stats(state: MemoryState) -> dict:
         "dtype": str(state.memory.dtype).removeprefix("torch."),
         "initialized": state.initialized,
         "injections": state.injections,
-        "rows_written": rows - summary.get(EMPTY_ROWS, 0) // layers,
-        "initial_rows": summary.get(INITIAL_ROWS, 0) // layers,
-        "rows_by_injection": {k: v / layers for k, v in sorted(summary.items()) if k > INITIAL_ROWS},
+        "rows_written": rows - int(by_source.get(EMPTY_ROWS, 0)),  # never-written rows are the same in every layer
+        "initial_rows": int(by_source.get(INITIAL_ROWS, 0)),
+        "rows_by_source": by_source,
+        "rows_by_injection": {k: v for k, v in by_source.items() if k > INITIAL_ROWS},
     }
 
 

@@ -1,4 +1,5 @@
-"""Assemble a folder to push as a Hugging Face Space: this app plus a copy of the `modeling_memoryllm` package.
+"""Assemble a folder to push as a Hugging Face Space: the entry point `app.py`, the Space's package
+`memoryllm_space`, the examples, and a copy of the `modeling_memoryllm` package beside them.
 
 python spaces_app/make_space.py build/space
 hf upload --repo-type space USER/memoryllm build/space .
@@ -10,8 +11,12 @@ import shutil
 
 
 HERE = pathlib.Path(__file__).resolve().parent
-PACKAGE = HERE.parent / "modeling_memoryllm"
 APP_FILES = ("app.py", "README.md", "requirements.txt")
+FOLDERS = {  # folder in the Space: where it comes from
+    "memoryllm_space": HERE / "memoryllm_space",
+    "examples": HERE / "examples",
+    "modeling_memoryllm": HERE.parent / "modeling_memoryllm",
+}
 IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", ".*")
 
 
@@ -22,8 +27,8 @@ def make_space(out: pathlib.Path) -> pathlib.Path:
     out.mkdir(parents=True)
     for name in APP_FILES:
         shutil.copy2(HERE / name, out / name)
-    shutil.copytree(HERE / "examples", out / "examples", ignore=IGNORE)
-    shutil.copytree(PACKAGE, out / "modeling_memoryllm", ignore=IGNORE)
+    for name, source in FOLDERS.items():
+        shutil.copytree(source, out / name, ignore=IGNORE)
     return out
 
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from modeling_memoryllm import cli, default
+from modeling_memoryllm import cli, default, serving
 from tests.conftest import run_offline_script
 from tests.test_remote_code import REMOTE_CHECK
 
@@ -54,8 +54,8 @@ def test_injected_passage_answers_questions(default_model):
     default_model.inject(default.PASSAGE.read_text(), memory=state)
     assert state.injections == 2  # 307 tokens in chunks of 256
     question = "What was the name of the first keeper of the lighthouse?"
-    assert "Moravec" in cli.answer(default_model, state, question, 24)
-    assert "Moravec" not in cli.answer(default_model, None, question, 24)
+    assert "Moravec" in serving.answer(default_model, state, question, 24)
+    assert "Moravec" not in serving.answer(default_model, None, question, 24)
 
 
 def test_cli_inject_then_ask(default_cache, tmp_path, capsys):

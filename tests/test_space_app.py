@@ -1,5 +1,7 @@
-"""The Space (`spaces_app/app.py`) through `gradio_client`, against golden A served on 127.0.0.1."""
+"""The Space (`spaces_app/app.py`, package `memoryllm_space`) through `gradio_client`, against golden A served on
+127.0.0.1."""
 
+import pathlib
 import re
 import subprocess
 import sys
@@ -11,13 +13,23 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from tests.test_space_support import ROOT, expected_answer, golden_with_tokenizer, load_app_module, running_app
+from modeling_memoryllm import MemoryState
+from modeling_memoryllm.serving import memory_stats
+from tests.conftest import run_offline_script
+from tests.test_serving import known_state
+from tests.test_space_support import ROOT, expected_answer, golden_with_tokenizer, load_fresh, running_app
 
 
 gradio_client = pytest.importorskip("gradio_client")
 pytestmark = pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")  # gradio's own pandas use
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
+
+from memoryllm_space import gpu  # noqa: E402
+from memoryllm_space.handlers import MemorySpace  # noqa: E402
+from memoryllm_space.sessions import SessionStore, session_generator  # noqa: E402
+from memoryllm_space.settings import Settings  # noqa: E402
+from memoryllm_space.views import memory_view, provenance_rows, stats_markdown  # noqa: E402
 
 
 TEXT_A = "Marta keeps three blue herons in a glass barn on the hill above Lindow; she feeds them at dawn."
@@ -106,7 +118,7 @@ def test_bad_inputs_are_refused_and_leave_the_memory_unchanged(url, tmp_path):
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"not a safetensors file at all")
     other_shape = tmp_path / "other.safetensors"
-    load_app_module().MemoryState(torch.zeros(2, 4, 8)).save(other_shape)  # a memory for another model
+    MemoryState(torch.zeros(2, 4, 8)).save(other_shape)  # a memory for another model
     not_memory = tmp_path / "weights.safetensors"
     save_file({"weight": torch.zeros(2)}, not_memory)
     for path, message in [
@@ -169,27 +181,24 @@ def test_model_work_is_bounded_by_the_queue(served):
 def test_gpu_work_goes_through_spaces_gpu_when_the_package_exists(monkeypatch):
     wrapped = []
 
-    def gpu(duration):
+    def fake_gpu(duration):
         def decorate(fn):
             wrapped.append((fn.__name__, duration))
             return fn
 
         return decorate
 
-    monkeypatch.setitem(sys.modules, "spaces", types.SimpleNamespace(GPU=gpu))
-    monkeypatch.delitem(sys.modules, "memoryllm_space_app_zerogpu", raising=False)
-    app = load_app_module("memoryllm_space_app_zerogpu")
-    assert app.spaces is sys.modules["spaces"]
+    monkeypatch.setitem(sys.modules, "spaces", types.SimpleNamespace(GPU=fake_gpu))
+    zerogpu = load_fresh("memoryllm_space.gpu", "gpu_zerogpu")
+    assert zerogpu.spaces is sys.modules["spaces"]
     assert sorted(name for name, _ in wrapped) == ["answer_stream", "injection_steps"]
-    assert load_app_module().spaces is None  # without the package: plain functions
-    del sys.modules["memoryllm_space_app_zerogpu"]
+    assert gpu.spaces is None  # without the package: plain functions
 
 
 def test_session_store_drops_idle_and_least_recent_sessions():
-    app = load_app_module()
     now, dropped = [0.0], []
-    store = app.SessionStore(
-        lambda: app.MemoryState(torch.zeros(1, 1, 1)),
+    store = SessionStore(
+        lambda: MemoryState(torch.zeros(1, 1, 1)),
         ttl=10,
         max_sessions=2,
         on_drop=dropped.append,
@@ -217,8 +226,7 @@ def test_each_session_draws_its_drops_from_its_own_generator(golden):
     """Golden A drops random rows at every injection. A session's memory must depend on its own injections only:
     interleaving another session's injections changes nothing, and equals a fresh memory injected with the
     session's generator."""
-    app = load_app_module()
-    space = app.MemorySpace(golden, app.Settings(seed=1234, memory_dtype="float32"))
+    space = MemorySpace(golden, Settings(seed=1234, memory_dtype="float32"))
     texts_a, texts_b = [TEXT_A, TEXT_B[::-1]], [TEXT_B, TEXT_A[::-1]]
     for text_a, text_b in zip(texts_a, texts_b):
         space.inject(text_a, types.SimpleNamespace(session_hash="a"), progress=lambda *args, **kwargs: None)
@@ -232,22 +240,38 @@ def test_each_session_draws_its_drops_from_its_own_generator(golden):
             )
         return state.memory
 
-    assert torch.equal(space.store.get("a").state.memory, alone(texts_a, app.session_generator(1234, "a")))
-    assert torch.equal(space.store.get("b").state.memory, alone(texts_b, app.session_generator(1234, "b")))
+    assert torch.equal(space.store.get("a").state.memory, alone(texts_a, session_generator(1234, "a")))
+    assert torch.equal(space.store.get("b").state.memory, alone(texts_b, session_generator(1234, "b")))
     # the drops do depend on the generator, so the equalities above could fail
-    assert not torch.equal(alone(texts_a, app.session_generator(1234, "a")), alone(texts_a, torch.Generator()))
-    assert app.session_generator(1234, "a").initial_seed() != app.session_generator(4321, "a").initial_seed()
+    assert not torch.equal(alone(texts_a, session_generator(1234, "a")), alone(texts_a, torch.Generator()))
+    assert session_generator(1234, "a").initial_seed() != session_generator(4321, "a").initial_seed()
 
 
 def test_settings_from_environment():
-    app = load_app_module()
     env = {"MEMORYLLM_MAX_SESSIONS": "3", "MEMORYLLM_SESSION_TTL": "60", "MEMORYLLM_MEMORY_DTYPE": "float32"}
-    settings = app.Settings.from_env(env | {"MEMORYLLM_SEED": "7"})
+    settings = Settings.from_env(env | {"MEMORYLLM_SEED": "7"})
     assert (settings.max_sessions, settings.session_ttl, settings.memory_dtype) == (3, 60.0, "float32")
-    assert settings.seed == 7 and app.Settings.from_env(env).seed is None
+    assert settings.seed == 7 and Settings.from_env(env).seed is None
     assert settings.model is None and settings.max_inject_chars == 20_000
     with pytest.raises(ValueError, match="MEMORYLLM_DTYPE"):
-        app.Settings.from_env({"MEMORYLLM_DTYPE": "int8"})
+        Settings.from_env({"MEMORYLLM_DTYPE": "int8"})
+
+
+def test_memory_views_of_a_known_state():
+    stats = memory_stats(known_state())
+    assert stats_markdown(stats) == (
+        "**2 layers × 4 rows** of width 8 (0.000256 MB, float32)  \n"
+        "**Injections absorbed:** 2 · **rows written:** 3 of 4 per layer  \n"
+        "**Rows per layer by injection:** #1: 1.5, #2: 1"
+    )
+    assert provenance_rows(stats) == [
+        ("empty", 1.0, "never written"),
+        ("initial", 0.5, "initial"),
+        ("#1", 1.5, "injection"),
+        ("#2", 1.0, "injection"),
+    ]
+    markdown, chart = memory_view(known_state())
+    assert markdown == stats_markdown(stats) and chart.count("<rect") == 4 and "<title>#1: 1.5 rows</title>" in chart
 
 
 def test_space_files_and_bundle(tmp_path):
@@ -264,3 +288,15 @@ def test_space_files_and_bundle(tmp_path):
     assert (out / "modeling_memoryllm" / "modeling_memoryllm.py").is_file()
     assert (out / "modeling_memoryllm" / "data" / "varden_lighthouse.txt").is_file()
     assert not list(out.rglob("__pycache__"))
+    # the folder runs on its own: app.py imports the Space's package and modeling_memoryllm from beside it
+    check = (
+        "import json, app, memoryllm_space.layout, memoryllm_space.handlers as h, modeling_memoryllm\n"
+        "examples = [str(path) for path, _ in h.EXAMPLES.values()]\n"
+        "files = [memoryllm_space.layout.__file__, modeling_memoryllm.__file__, *examples]\n"
+        "print(json.dumps({'main': callable(app.main), 'files': files}))"
+    )
+    found = run_offline_script(check, cwd=out)
+    assert found["main"] and len(found["files"]) == 5
+    assert all(pathlib.Path(path).resolve().is_relative_to(out.resolve()) for path in found["files"]), found
+    for path in found["files"][2:]:
+        assert pathlib.Path(path).is_file()

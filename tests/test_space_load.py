@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.test_space_support import expected_answer, golden_with_tokenizer, load_app_module, running_app
+from tests.test_space_support import expected_answer, golden_with_tokenizer, running_app
 
 
 gradio_client = pytest.importorskip("gradio_client")
@@ -29,6 +29,9 @@ pytestmark = [
 ]
 from gradio_client import Client  # noqa: E402
 from gradio_client.utils import QueueError  # noqa: E402
+
+from memoryllm_space import gpu  # noqa: E402
+from memoryllm_space.settings import Settings  # noqa: E402
 
 
 CLIENTS = 16
@@ -295,7 +298,7 @@ def test_sixteen_clients_get_answers_from_their_own_memory_within_the_ram_bound(
         run_load(url, demo, sentences, run)
         store = demo.memory_space.store
         dropped = wait_until(lambda: not any(sid in store for sid in run.session_hashes), timeout=10)
-    bound = readme_bound(golden, load_app_module().Settings(**settings), sessions=CLIENTS + 1)
+    bound = readme_bound(golden, Settings(**settings), sessions=CLIENTS + 1)
     print(
         f"\n16 clients, queue 32: {run.summary()}; bound {bound / 1e3:.0f} kB (README) + {ALLOWANCE / MB:.0f} MB; "
         f"distinct expected answers per round {distinct}"
@@ -312,9 +315,8 @@ def test_a_small_queue_refuses_requests_with_a_clear_message_and_serves_the_rest
     rounds = 2
     sentences = secrets(seed=2, rounds=rounds)
     settings = dict(LIMITS, concurrency=1, queue_size=2)
-    app = load_app_module()
     refused = threading.Event()
-    injection_steps = app.injection_steps
+    injection_steps = gpu.injection_steps
 
     def held_injection(*args):  # the load's first injection holds the model until the queue has refused someone
         if run.loading.is_set():
@@ -322,11 +324,11 @@ def test_a_small_queue_refuses_requests_with_a_clear_message_and_serves_the_rest
         yield from injection_steps(*args)
 
     run = LoadRun()
-    monkeypatch.setattr(app, "injection_steps", held_injection)
+    monkeypatch.setattr(gpu, "injection_steps", held_injection)
     with running_app(golden, **settings) as (url, demo):
         watch_refusals(monkeypatch, demo, run, refused)
         run_load(url, demo, sentences, run)
-    bound = readme_bound(golden, app.Settings(**settings), sessions=CLIENTS + 1)
+    bound = readme_bound(golden, Settings(**settings), sessions=CLIENTS + 1)
     print(f"\n16 clients, queue 2: {run.summary()}")
     refusals = [o for o in run.outcomes if o.result == "refused"]
     assert refusals, "the queue refused nothing"

@@ -1,4 +1,6 @@
-"""Helpers for the Space tests (no tests here): load `spaces_app/app.py`, a byte tokenizer for golden A, launching."""
+"""Helpers for the Space tests (no tests here): a byte tokenizer for golden A, launching the Space.
+
+The Space is the package `memoryllm_space` in spaces_app/ (on the path through pyproject's pytest `pythonpath`)."""
 
 import contextlib
 import importlib.util
@@ -6,25 +8,23 @@ import os
 import pathlib
 import shutil
 import socket
-import sys
 
 import torch
 from transformers import BatchEncoding
 
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-APP_PATH = ROOT / "spaces_app" / "app.py"
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
-def load_app_module(name: str = "memoryllm_space_app"):
-    """`spaces_app/app.py` as module `name` (loaded once; it is a script folder, not a package)."""
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, APP_PATH)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+def load_fresh(module: str, name: str):
+    """A new copy of `module` (e.g. `memoryllm_space.gpu`) run again as module `name` in the same package, so that
+    what it does at import time happens again; `sys.modules` is left as it was."""
+    origin = importlib.util.find_spec(module).origin
+    spec = importlib.util.spec_from_file_location(f"{module.rpartition('.')[0]}.{name}", origin)
+    copy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copy)
+    return copy
 
 
 class ByteTokenizer:
@@ -73,9 +73,11 @@ def free_port() -> int:
 @contextlib.contextmanager
 def running_app(model, **settings):
     """The Space on 127.0.0.1 (a free port) in a background thread; yields `(url, demo)`."""
-    app = load_app_module()
-    demo = app.build_demo(model, app.Settings(**settings))
-    _, url, _ = app.launch_demo(
+    from memoryllm_space.layout import build_demo, launch_demo
+    from memoryllm_space.settings import Settings
+
+    demo = build_demo(model, Settings(**settings))
+    _, url, _ = launch_demo(
         demo, server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True, ssr_mode=False
     )
     try:
@@ -88,7 +90,7 @@ def running_app(model, **settings):
 
 def expected_answer(model, texts: list[str], question: str, max_new_tokens: int, dtype=torch.bfloat16) -> str:
     """The answer the Space should give after injecting `texts` into a fresh memory (greedy decoding)."""
-    from modeling_memoryllm.cli import answer
+    from modeling_memoryllm.serving import answer
 
     state = model.new_memory_state(device="cpu", dtype=dtype)
     for text in texts:
