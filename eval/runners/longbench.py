@@ -10,8 +10,7 @@ Data: `THUDM/LongBench` through `datasets` when online, or `--data-files DIR` wi
 import argparse
 import random
 
-from eval.data import LONGBENCH_TASKS
-
+from ..data import LONGBENCH_TASKS
 from . import common
 
 
@@ -72,7 +71,7 @@ def prepare(subject, task: str, records: list[dict], args, offset: int) -> list[
 
 
 def load_samples(subject, args) -> list[dict]:
-    from eval.data import longbench_records
+    from ..data import longbench_records
 
     samples = []
     for task in args.tasks.split(","):

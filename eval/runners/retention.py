@@ -172,7 +172,7 @@ def plot(results: dict, path, title: str):
 
 # ------------------------------------------------------------------------------------------------------------ run
 def run(args, subject: common.Subject | None = None) -> dict:
-    from eval import data
+    from .. import data
 
     common.setup(args)
     timer = common.Timer()
