@@ -1,4 +1,5 @@
-"""What every runner shares: the model under test, batched generation and scoring, seeds, outputs."""
+"""What every runner uses: the model under test, batched generation and scoring, seeds, outputs (the loop they
+share is `benchmark.Benchmark.run`)."""
 
 import argparse
 import json
@@ -253,17 +254,6 @@ def out_path(args, results: dict) -> pathlib.Path:
     if args.out:
         return pathlib.Path(args.out)
     return RESULTS / f"{results['benchmark']}-{results['config']['model_name']}-{args.split}.json"
-
-
-def run_main(parser, run, plot, summary, argv=None, subject: Subject | None = None) -> int:
-    """Parse, run, write the JSON and the PNG beside it, print a summary."""
-    args = parser.parse_args(argv)
-    results = run(args, subject)
-    path = write_results(out_path(args, results), results)
-    png = plot(results, path, f"{results['benchmark']}: {results['config']['model_name']} ({args.split})")
-    summary(results)
-    print(f"wrote {path} and {png}")
-    return 0
 
 
 def run_config(args, subject: Subject, **extra) -> dict:
