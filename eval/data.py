@@ -1,16 +1,16 @@
 """Benchmark data: SQuAD v2 and NQ (retention), CounterFact and zsRE (editing), LongBench (long-context QA).
 
-Files come from the shared data folder (`--data-dir`, else `$MEMORYLLM_DATA`, else `../shared/data` beside the
-repository). Development uses part-a; `split="heldout"` uses the held-out part-b files.
+Files come from the shared data folder (`--data-dir`, else `$MEMORYLLM_DATA`, else `data` in `$MEMORYLLM_SHARED`,
+else `../shared/data`: see `paths.py`). Development uses part-a; `split="heldout"` uses the held-out part-b files.
 """
 
 import gzip
 import json
-import os
 import pathlib
 
+from .paths import data_dir
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+
 SPLITS = ("dev", "heldout")
 FILES = {
     ("squad", "dev"): "squad_v2/dev-v2.0.part-a.json",
@@ -25,14 +25,11 @@ FILES = {
 LONGBENCH_TASKS = ("narrativeqa", "qasper", "multifieldqa_en", "hotpotqa", "2wikimqa", "musique")
 
 
-def data_dir(explicit: str | None = None) -> pathlib.Path:
-    return pathlib.Path(explicit or os.environ.get("MEMORYLLM_DATA") or ROOT.parent / "shared" / "data")
-
-
 def data_file(dataset: str, split: str, directory: str | None = None) -> pathlib.Path:
     path = data_dir(directory) / FILES[dataset, split]
     if not path.exists():
-        raise FileNotFoundError(f"no {dataset} {split} data at {path} (set --data-dir or MEMORYLLM_DATA)")
+        settings = "--data-dir, MEMORYLLM_DATA or MEMORYLLM_SHARED"
+        raise FileNotFoundError(f"no {dataset} {split} data at {path} (set {settings})")
     return path
 
 

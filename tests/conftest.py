@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED = pathlib.Path(os.environ.get("MEMORYLLM_SHARED", ROOT.parent / "shared"))
+os.environ.setdefault("MEMORYLLM_HUB_CONFIGS", str(ROOT / "hub_configs"))  # eval's default is ./hub_configs
 GOLDEN_A = SHARED / "golden" / "A"
 if not GOLDEN_A.exists():
     GOLDEN_A = ROOT / "tests" / "data" / "golden_A"

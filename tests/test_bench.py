@@ -15,8 +15,8 @@ import torch
 pytest.importorskip("matplotlib")
 
 from eval.bench import gpu8b  # noqa: E402
-from eval.bench.models import tiny_config  # noqa: E402
 from eval.bench.run import main  # noqa: E402
+from modeling_memoryllm.testing_utils import tiny_config  # noqa: E402
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,7 +111,7 @@ def test_soak_mode(tmp_path, capsys):
 
 
 def test_8b_code_path_runs_on_cpu_with_a_tiny_shape():
-    config = tiny_config(num_tokens=8, num_blocks=2)
+    config = tiny_config("bench", num_tokens=8, num_blocks=2)
     result = gpu8b.measure_8b(torch.device("cpu"), config=config, repeats=1, warmup=0, query_tokens=8)
     assert result["skipped"] is False
     assert result["memory_on_gpu"]["memory_device"] == "cpu"

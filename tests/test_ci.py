@@ -3,6 +3,8 @@
 import pathlib
 import re
 
+import pytest
+
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -29,3 +31,13 @@ def test_ci_runs_the_readme_test_command_and_handles_exit_code_5():
 def test_pyproject_pins_a_transformers_5_range_with_a_floor_of_5_17():
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert re.search(r'"transformers>=5\.1[0-7],<5\.\d+"', pyproject)
+
+
+def test_pyproject_ships_every_eval_package_as_memoryllm_eval():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert setuptools["package-dir"] == {"memoryllm_eval": "eval"}
+    folders = sorted(init.parent.relative_to(ROOT) for init in (ROOT / "eval").rglob("__init__.py"))
+    wanted = {".".join(("memoryllm_eval", *folder.parts[1:])) for folder in folders}
+    assert wanted <= set(setuptools["packages"]), wanted - set(setuptools["packages"])
+    assert "metrics/*/*.py" in setuptools["package-data"]["memoryllm_eval"]

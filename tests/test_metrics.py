@@ -3,6 +3,9 @@
 import math
 import os
 import pathlib
+import re
+import string
+from collections import Counter
 
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -107,8 +110,59 @@ def test_retention_add_batch_then_compute(retention):
 # --- qa_f1 ---------------------------------------------------------------------------------------------------
 
 
-def _qa(metric, prediction, golds):
-    return metric.compute(predictions=[prediction], references=[golds])
+def _qa(metric, prediction, golds, **options):
+    return metric.compute(predictions=[prediction], references=[golds], **options)
+
+
+def longbench_qa_f1_score(prediction, ground_truth):
+    """LongBench's `qa_f1_score` (THUDM/LongBench, metrics.py), written again here from its definition."""
+
+    def normalize_answer(text):
+        text = text.lower()
+        text = "".join(ch for ch in text if ch not in set(string.punctuation))
+        text = re.sub(r"\b(a|an|the)\b", " ", text)
+        return " ".join(text.split())
+
+    prediction_tokens = normalize_answer(prediction).split()
+    ground_truth_tokens = normalize_answer(ground_truth).split()
+    common = Counter(prediction_tokens) & Counter(ground_truth_tokens)
+    num_same = sum(common.values())
+    if num_same == 0:
+        return 0
+    precision = 1.0 * num_same / len(prediction_tokens)
+    recall = 1.0 * num_same / len(ground_truth_tokens)
+    return (2 * precision * recall) / (precision + recall)
+
+
+TRICKY_QA = [
+    ("", ""),
+    ("", "The"),
+    ("the", "a"),
+    ("...", "!!!"),
+    ("An  a THE", ""),
+    ("", "Rome"),
+    ("Rome", ""),
+    ("Rome", "the"),
+    ("The Eiffel Tower.", "Eiffel Tower"),
+    ("the cat cat sat", "A cat sat on the mat"),
+    ("cat cat cat", "cat"),
+    ("theatre", "the atre"),
+    ("U.S.A.", "USA"),
+    ("don't", "dont"),
+    ("anthem", "an them"),
+    ("Zürich", "zürich"),
+    ("ZÜRICH", "zürich"),
+    ("東京 タワー", "東京"),
+    ("東京。", "東京"),
+    ("tab\tand\nnewline", "tab and newline"),
+    ("\u00a0Paris\u00a0", "Paris"),
+    ("Paris, France", "paris"),
+    ("1,000", "1000"),
+    ("yes", "Yes."),
+    ("a-b c", "ab c"),
+    ("The The the", "the"),
+    ("İstanbul", "istanbul"),
+]
 
 
 def test_qa_exact_after_normalization(qa_f1):
@@ -131,8 +185,32 @@ def test_qa_token_multiplicity(qa_f1):
 def test_qa_empty_prediction(qa_f1):
     assert _qa(qa_f1, "", ["Rome"]) == {"f1": 0.0, "exact_match": 0.0}
     assert _qa(qa_f1, "...", ["Rome"]) == {"f1": 0.0, "exact_match": 0.0}
-    assert _qa(qa_f1, "", ["The", "Rome"]) == {"f1": 100.0, "exact_match": 100.0}
+    assert _qa(qa_f1, "", ["The", "Rome"], empty_match=True) == {"f1": 100.0, "exact_match": 100.0}
     assert _qa(qa_f1, "Rome", ["the"]) == {"f1": 0.0, "exact_match": 0.0}
+    assert _qa(qa_f1, "Rome", ["the"], empty_match=True) == {"f1": 0.0, "exact_match": 0.0}
+
+
+def test_qa_both_empty_after_normalization_score_zero_as_in_longbench(qa_f1):
+    for prediction, gold in [("", ""), ("", "The"), ("the", "a"), ("...", "!!!"), ("An  a THE", "")]:
+        assert longbench_qa_f1_score(prediction, gold) == 0
+        assert _qa(qa_f1, prediction, [gold]) == {"f1": 0.0, "exact_match": 0.0}
+        assert _qa(qa_f1, prediction, [gold], empty_match=True) == {"f1": 100.0, "exact_match": 100.0}
+    assert _qa(qa_f1, "", ["The", "Rome"]) == {"f1": 0.0, "exact_match": 0.0}
+
+
+@pytest.mark.parametrize(("prediction", "gold"), TRICKY_QA)
+def test_qa_f1_equals_longbench_qa_f1_score(qa_f1, prediction, gold):
+    expected = 100.0 * longbench_qa_f1_score(prediction, gold)
+    assert _qa(qa_f1, prediction, [gold])["f1"] == pytest.approx(expected, abs=1e-12)
+
+
+def test_qa_f1_corpus_equals_longbench_scoring(qa_f1):
+    """LongBench's scorer: per prediction the max over its golds (from 0), then the mean x 100."""
+    predictions = [prediction for prediction, _ in TRICKY_QA]
+    references = [[gold, "Rome"] for _, gold in TRICKY_QA[::-1]]
+    expected = [max([0.0] + [longbench_qa_f1_score(p, g) for g in golds]) for p, golds in zip(predictions, references)]
+    result = qa_f1.compute(predictions=predictions, references=references)
+    assert result["f1"] == pytest.approx(100 * sum(expected) / len(expected), abs=1e-12)
 
 
 def test_qa_unicode(qa_f1):

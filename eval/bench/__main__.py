@@ -2,7 +2,7 @@
 
 import sys
 
-from eval.bench.run import main
+from .run import main
 
 
 if __name__ == "__main__":

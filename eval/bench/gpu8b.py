@@ -7,17 +7,17 @@ what `nvidia-smi` shows).
 """
 
 import gc
-import pathlib
 
 import torch
 
 from modeling_memoryllm import MemoryLLMConfig, MemoryLLMForCausalLM, MemoryState
 
+from ..paths import hub_configs_dir
 from .measures import prefill, recompute_prefill, target
 from .timing import interleaved, summary, synchronizer
 
 
-CONFIG_DIR = pathlib.Path(__file__).resolve().parents[2] / "hub_configs" / "memoryllm-8b"
+CONFIG_NAME = "memoryllm-8b"  # in the hub_configs folder ($MEMORYLLM_HUB_CONFIGS, default ./hub_configs)
 PAPER_MB = {"memory_on_gpu": 21_176, "memory_offloaded": 17_967}
 AIM_MB = 18_000
 MIB = 2**20
@@ -28,7 +28,10 @@ def skipped(reason: str) -> dict:
 
 
 def eight_b_config() -> MemoryLLMConfig:
-    return MemoryLLMConfig.from_pretrained(CONFIG_DIR)
+    folder = hub_configs_dir() / CONFIG_NAME
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no {CONFIG_NAME} at {folder}: run from the checkout or set MEMORYLLM_HUB_CONFIGS")
+    return MemoryLLMConfig.from_pretrained(folder)
 
 
 def build_model(config: MemoryLLMConfig, device: torch.device, dtype: torch.dtype) -> MemoryLLMForCausalLM:

@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from ..paths import BENCH_RESULTS, COMMAND
 from . import gpu8b, measures, report
 from .measures import COST_POINTS, Bench
 from .models import bench_model, model_info
@@ -23,7 +24,7 @@ from .timing import load_average, machine_info, synchronizer
 
 
 SCHEMA = "memoryllm-bench/1"
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+DEFAULT_OUT = str(BENCH_RESULTS)
 # (full, quick) defaults.
 DEFAULTS = {
     "repeats": (5, 3),
@@ -38,7 +39,7 @@ DEFAULTS = {
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m eval.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=f"{COMMAND}.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny random config, few repeats (CI)")
     parser.add_argument("--soak", type=int, metavar="N", help="only measure 7: N injections into a tiny config")
     parser.add_argument("--soak-memories", type=int, default=16, help="memories injected into at once in --soak")

@@ -8,26 +8,12 @@ from collections.abc import Callable
 
 import torch
 
-from .models import tiny_model
+from modeling_memoryllm.testing_utils import SOAK_OVERRIDES, tiny_model
+
 from .timing import rss_bytes
 
 
-# The tiny soak model: the released ("output") write rule, so that new rows depend on the memory they attend to,
-# and random LoRA adapters, as `tests/tiny.py`; 4 rows per injection, 12 memory rows; texts of 16 tokens (the
-# shortest the released models were trained on).
-SOAK_CONFIG = dict(
-    vocab_size=97,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    num_tokens=4,
-    num_blocks=3,
-    max_inject_length=16,
-    memory_variant="memoryllm-8b",
-    lora_config={"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "k_proj", "v_proj", "gate_proj"]},
-)
+# The tiny soak model: the `"soak"` preset of `modeling_memoryllm.testing_utils` (sizes and why there).
 NORM_BOUND = 4.0  # the RMS norm may not exceed this multiple of its first recorded value
 RSS_GROWTH = 0.10  # RSS may grow by at most this fraction (after the first tenth of the run)
 TIME_GROWTH = 1.5  # the median time per injection in the last tenth vs the first tenth
@@ -43,7 +29,7 @@ def soak(
 ) -> dict:
     """`total` injections (rounded up to whole batches of `memories`), `points` records along the way, each also
     passed to `on_record` (e.g. to report progress)."""
-    model = tiny_model(seed=seed, **SOAK_CONFIG)
+    model = tiny_model(seed, preset="soak")
     states = [model.new_memory_state() for _ in range(memories)]
     generator = torch.Generator().manual_seed(seed)
     every = max(memories, math.ceil(total / points / memories) * memories)
@@ -93,7 +79,7 @@ def _soak_result(records: list[dict], total: int, memories: int, text_tokens: in
     seconds = sum(r["seconds_per_injection"] for r in records) / len(records)
     return {
         "description": "injections into a tiny config, batched into independent memories",
-        "config": {k: v for k, v in SOAK_CONFIG.items() if k != "lora_config"},
+        "config": {k: v for k, v in SOAK_OVERRIDES.items() if k != "lora_config"},
         "requested_injections": total,
         "injections": records[-1]["injections"],
         "memories": memories,

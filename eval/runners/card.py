@@ -1,9 +1,9 @@
 """`python -m eval card RESULTS.json... --card hub_configs/<variant>/README.md`: results -> the card's model-index.
 
 Each result JSON written by a runner becomes `EvalResult` entries (task type text-generation) in the card's YAML
-metadata, through `huggingface_hub`'s `ModelCard` / `ModelCardData` (1.x and 2.x). Entries already in the card for
-the same task, dataset, split and metric are replaced; others are kept. Only the memory model's own numbers go in
-(baselines stay in the result files).
+metadata, through `huggingface_hub`'s `ModelCard` / `ModelCardData` (1.x and 2.x); which entries, each benchmark
+says (`Benchmark.card_entries`). Entries already in the card for the same task, dataset, split and metric are
+replaced; others are kept. Only the memory model's own numbers go in (baselines stay in the result files).
 """
 
 import argparse
@@ -12,18 +12,15 @@ import pathlib
 
 from huggingface_hub import EvalResult, ModelCard
 
+from ..paths import COMMAND
+from . import BENCHMARKS, load_benchmark
 
-DATASETS = {  # benchmark -> (dataset type on the Hub, display name)
-    "retention-squad": ("rajpurkar/squad_v2", "SQuAD v2 dev, answerable (knowledge retention)"),
-    "retention-nq": ("google-research-datasets/nq_open", "NQ-open with gold passages (knowledge retention)"),
-    "editing-counterfact": ("azhx/counterfact", "CounterFact (EasyEdit layout)"),
-    "editing-zsre": ("zsre", "zsRE (MEND layout)"),
-}
+
 SPLITS = {"dev": "part-a", "heldout": "part-b"}  # the halves of the shared data files
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m eval card", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=f"{COMMAND} card", description=__doc__.splitlines()[0])
     parser.add_argument("results", nargs="+", help="result JSON files written by the runners")
     parser.add_argument("--card", required=True, help="model card (README.md) to update in place")
     parser.add_argument("--model-name", help="model-index name (default: the card's, else its folder name)")
@@ -31,63 +28,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------------------------------------- conversions
-def eval_results(results: dict) -> list[EvalResult]:
+def benchmark_of(results: dict):
+    """The registered `Benchmark` that wrote `results` (its `benchmark` is `<command>` or `<command>-<dataset>`)."""
     benchmark = results["benchmark"]
+    command = benchmark.split("-", 1)[0]
+    if command not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {benchmark!r}")
+    return load_benchmark(command)
+
+
+def eval_results(results: dict) -> list[EvalResult]:
     memory = results["aggregates"].get("memory")
     if memory is None:
         return []  # a plain LM's baselines describe another model
-    if benchmark.startswith("retention"):
-        return _retention(results, memory)
-    if benchmark.startswith("editing"):
-        return _editing(results, memory)
-    if benchmark == "longbench":
-        return _longbench(results, memory)
-    raise ValueError(f"unknown benchmark {benchmark!r}")
-
-
-def _entry(results: dict, task_name: str, metric: tuple[str, str, float], **dataset) -> EvalResult:
-    """One model-index entry; `metric` is (type, name, value)."""
     split = results["config"].get("split", "dev")
-    dataset.setdefault("dataset_split", SPLITS.get(split, split))
-    metric_type, metric_name, value = metric
-    return EvalResult(
-        task_type="text-generation",
-        task_name=task_name,
-        metric_type=metric_type,
-        metric_name=metric_name,
-        metric_value=round(float(value), 4),
-        **dataset,
-    )
-
-
-def _dataset(results: dict) -> dict:
-    dataset_type, dataset_name = DATASETS[results["benchmark"]]
-    return {"dataset_type": dataset_type, "dataset_name": dataset_name}
-
-
-def _retention(results: dict, memory: dict) -> list[EvalResult]:
-    config = results["config"]
-    args = {"max_answer_tokens": config.get("max_answer_tokens"), "samples": len(results["samples"])}
-    entries = []
-    for k, accuracy in memory["accuracy_by_k"].items():
-        metric = ("accuracy", f"Retention accuracy after {k} unrelated injections (%)", 100 * accuracy)
-        entries.append(_entry(results, "Knowledge retention", metric, metric_args=args, **_dataset(results)))
-    return entries
-
-
-def _editing(results: dict, memory: dict) -> list[EvalResult]:
-    keys = ("efficacy", "generalization", "specificity", "score")
-    metrics = [(key, f"{key.capitalize()} (%)", memory[key]) for key in keys]
-    return [_entry(results, "Knowledge editing", metric, **_dataset(results)) for metric in metrics]
-
-
-def _longbench(results: dict, memory: dict) -> list[EvalResult]:
-    entries = []
-    for task, scores in memory["tasks"].items():
-        dataset = {"dataset_type": "THUDM/LongBench", "dataset_name": f"LongBench {task}", "dataset_config": task}
-        dataset["dataset_split"] = "test" if not results["config"].get("data_files") else "local files"
-        entries.append(_entry(results, "Long-context QA", ("f1", "QA F1 (x100)", scores["f1"]), **dataset))
-    return entries
+    entries = benchmark_of(results).card_entries(results, memory)
+    return [
+        EvalResult(
+            task_type="text-generation",
+            task_name=entry.task_name,
+            metric_type=entry.metric_type,
+            metric_name=entry.metric_name,
+            metric_value=round(float(entry.value), 4),
+            **{"dataset_split": SPLITS.get(split, split), **entry.fields},
+        )
+        for entry in entries
+    ]
 
 
 def _key(result: EvalResult) -> tuple:

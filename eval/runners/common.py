@@ -1,4 +1,5 @@
-"""What every runner shares: the model under test, batched generation and scoring, seeds, outputs."""
+"""What every runner uses: the model under test, batched generation and scoring, seeds, outputs (the loop they
+share is `benchmark.Benchmark.run`)."""
 
 import argparse
 import json
@@ -12,10 +13,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from ..paths import METRICS, RESULTS
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-METRICS = ROOT / "eval" / "metrics"
-RESULTS = ROOT / "eval" / "results"
+
 DEFAULT_NAME = "smollm2-135m-memoryllm"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -25,7 +25,7 @@ def common_arguments(parser: argparse.ArgumentParser, default_batch: int = 4) ->
     parser.add_argument("--model", required=True, help="MemoryLLM folder, .gguf file, 'default', or a causal LM")
     parser.add_argument("--tokenizer", help="tokenizer folder when the model folder has none")
     parser.add_argument("--split", choices=("dev", "heldout"), default="dev", help="dev: part-a; heldout: part-b")
-    parser.add_argument("--data-dir", help="shared data folder (default $MEMORYLLM_DATA or ../shared/data)")
+    parser.add_argument("--data-dir", help="data folder (default $MEMORYLLM_DATA, else $MEMORYLLM_SHARED/data)")
     parser.add_argument("--limit", type=int, help="evaluate at most this many samples")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=default_batch, help="samples (memories) per batch")
@@ -254,17 +254,6 @@ def out_path(args, results: dict) -> pathlib.Path:
     if args.out:
         return pathlib.Path(args.out)
     return RESULTS / f"{results['benchmark']}-{results['config']['model_name']}-{args.split}.json"
-
-
-def run_main(parser, run, plot, summary, argv=None, subject: Subject | None = None) -> int:
-    """Parse, run, write the JSON and the PNG beside it, print a summary."""
-    args = parser.parse_args(argv)
-    results = run(args, subject)
-    path = write_results(out_path(args, results), results)
-    png = plot(results, path, f"{results['benchmark']}: {results['config']['model_name']} ({args.split})")
-    summary(results)
-    print(f"wrote {path} and {png}")
-    return 0
 
 
 def run_config(args, subject: Subject, **extra) -> dict:

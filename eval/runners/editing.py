@@ -8,22 +8,21 @@ token log-probs of the continuations. zsRE: teacher-forced token accuracy of `al
 `rephrase`, and of `loc_ans` after `loc`. Baselines: no injection, and the fact written in front of each prompt.
 """
 
-import argparse
+import contextlib
 import logging
 import random
 
+from .. import data
 from . import common
+from .benchmark import Benchmark, CardEntry, Run
 
 
 KINDS = ("rewrite", "paraphrase", "neighborhood")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m eval editing", description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", choices=("counterfact", "zsre"), default="counterfact")
-    parser.add_argument("--logprob", choices=("mean", "sum"), default="mean", help="CounterFact: compare mean/sum")
-    common.common_arguments(parser)
-    return parser
+SCORES = ("efficacy", "generalization", "specificity", "score")
+CARD_DATASETS = {  # benchmark -> (dataset type on the Hub, display name)
+    "editing-counterfact": ("azhx/counterfact", "CounterFact (EasyEdit layout)"),
+    "editing-zsre": ("zsre", "zsRE (MEND layout)"),
+}
 
 
 # ------------------------------------------------------------------------------------------------------- samples
@@ -103,84 +102,80 @@ def _check_outcome(target_scores: list[tuple], args) -> dict:
     return {"success": float(first > second), "logprobs": [first, second]}
 
 
-def run_memory(subject, batch: list[dict], args) -> None:
-    states = subject.new_states(len(batch))
-    generators = common.sample_generators(args.seed, [sample["index"] for sample in batch])
-    subject.inject([sample["fact_ids"] for sample in batch], states, generators)
-    for sample, state in zip(batch, states):  # one memory per forward: its prefix is shared by the rows
-        sample["memory"] = score(subject, [sample], state, args)[0]
+# ---------------------------------------------------------------------------------------------------- benchmark
+class Editing(Benchmark):
+    name = "editing"
+
+    def add_arguments(self, parser) -> None:
+        parser.add_argument("--dataset", choices=("counterfact", "zsre"), default="counterfact")
+        parser.add_argument("--logprob", choices=("mean", "sum"), default="mean", help="CounterFact: compare mean/sum")
+
+    def benchmark_id(self, args) -> str:
+        return f"editing-{args.dataset}"
+
+    def load(self, run: Run) -> list[dict]:
+        args = run.args
+        return prepare(run.subject, select(data.editing_records(args.dataset, args.split, args.data_dir), args), args)
+
+    @contextlib.contextmanager
+    def scoring(self):
+        quiet = logging.getLogger("modeling_memoryllm.modeling_memoryllm")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)  # facts are shorter than the 16 tokens the model warns about
+        try:
+            yield
+        finally:
+            quiet.setLevel(level)
+
+    def run_memory(self, run: Run, batch: list[dict]) -> None:
+        subject, args = run.subject, run.args
+        states = subject.new_states(len(batch))
+        generators = common.sample_generators(args.seed, [sample["index"] for sample in batch])
+        subject.inject([sample["fact_ids"] for sample in batch], states, generators)
+        for sample, state in zip(batch, states):  # one memory per forward: its prefix is shared by the rows
+            sample["memory"] = score(subject, [sample], state, args)[0]
+
+    def run_baselines(self, run: Run, batch: list[dict]) -> None:
+        for name in run.baselines:
+            key = "prompt_ids" if name == "no_injection" else "in_context_ids"
+            for sample, result in zip(batch, score(run.subject, batch, None, run.args, key)):
+                sample[name] = result
+
+    def aggregate(self, run: Run, samples: list[dict]) -> dict:
+        metric = common.load_metric("knowledge_editing")
+        results = {}
+        for name in run.conditions:
+            outputs = [sample[name] for sample in samples]
+            results[name] = metric.compute(
+                rewrite_success=[o["rewrite"] for o in outputs],
+                paraphrase_success=[o["paraphrase"] if o["paraphrase"] is not None else 0.0 for o in outputs],
+                neighborhood_success=[o["neighborhood"] if o["neighborhood"] is not None else 0.0 for o in outputs],
+            )
+        return results
+
+    def public(self, run: Run, sample: dict) -> dict:
+        checks = [{"kind": c["kind"], "prompt": c["prompt"], "targets": c["targets"]} for c in sample["checks"]]
+        return {"index": sample["index"], "id": sample["id"], "fact": sample["fact"], "checks": checks} | {
+            name: sample[name] for name in run.conditions
+        }
+
+    def config_extra(self, run: Run) -> dict:
+        args = run.args
+        return {"data_file": str(data.data_file(args.dataset, args.split, args.data_dir))}
+
+    def summary(self, results: dict) -> None:
+        for name, values in results["aggregates"].items():
+            print(f"{name}: " + ", ".join(f"{key} {value:.1f}" for key, value in values.items()))
+
+    def card_entries(self, results: dict, memory: dict) -> list[CardEntry]:
+        dataset_type, dataset_name = CARD_DATASETS[results["benchmark"]]
+        fields = {"dataset_type": dataset_type, "dataset_name": dataset_name}
+        return [CardEntry("Knowledge editing", key, f"{key.capitalize()} (%)", memory[key], fields) for key in SCORES]
+
+    def plot(self, results: dict, path, title: str):
+        series = {name: [values[label] for label in SCORES] for name, values in results["aggregates"].items()}
+        return common.grouped_bars(list(SCORES), series, "%", title, path, ylim=(0, 100))
 
 
-def run_baselines(subject, batch: list[dict], names: list[str], args) -> None:
-    for name in names:
-        key = "prompt_ids" if name == "no_injection" else "in_context_ids"
-        for sample, result in zip(batch, score(subject, batch, None, args, key)):
-            sample[name] = result
-
-
-# ------------------------------------------------------------------------------------------------------ aggregates
-def aggregate(samples: list[dict], conditions: list[str]) -> dict:
-    metric = common.load_metric("knowledge_editing")
-    results = {}
-    for name in conditions:
-        outputs = [sample[name] for sample in samples]
-        results[name] = metric.compute(
-            rewrite_success=[o["rewrite"] for o in outputs],
-            paraphrase_success=[o["paraphrase"] if o["paraphrase"] is not None else 0.0 for o in outputs],
-            neighborhood_success=[o["neighborhood"] if o["neighborhood"] is not None else 0.0 for o in outputs],
-        )
-    return results
-
-
-def plot(results: dict, path, title: str):
-    labels = ["efficacy", "generalization", "specificity", "score"]
-    series = {name: [values[label] for label in labels] for name, values in results["aggregates"].items()}
-    return common.grouped_bars(labels, series, "%", title, path, ylim=(0, 100))
-
-
-# ------------------------------------------------------------------------------------------------------------ run
-def run(args, subject: common.Subject | None = None) -> dict:
-    from eval import data
-
-    common.setup(args)
-    timer = common.Timer()
-    subject = subject or common.load_subject(args.model, args.tokenizer, args.device, args.dtype)
-    names = common.baselines(args)
-    samples = prepare(subject, select(data.editing_records(args.dataset, args.split, args.data_dir), args), args)
-    timer.mark("load_s")
-    quiet = logging.getLogger("modeling_memoryllm.modeling_memoryllm")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # facts are shorter than the 16 tokens the model warns about
-    try:
-        for batch in common.progress(common.batches(samples, args.batch_size), "editing", args):
-            if subject.is_memory:
-                run_memory(subject, batch, args)
-            run_baselines(subject, batch, names, args)
-    finally:
-        quiet.setLevel(level)
-    timer.mark("evaluate_s")
-    conditions = (["memory"] if subject.is_memory else []) + names
-    config = common.run_config(args, subject, data_file=str(data.data_file(args.dataset, args.split, args.data_dir)))
-    return {
-        "benchmark": f"editing-{args.dataset}",
-        "config": config,
-        "aggregates": aggregate(samples, conditions),
-        "samples": [_public(sample, conditions) for sample in samples],
-        "timings": timer.summary(),
-    }
-
-
-def _public(sample: dict, conditions: list[str]) -> dict:
-    checks = [{"kind": c["kind"], "prompt": c["prompt"], "targets": c["targets"]} for c in sample["checks"]]
-    return {"index": sample["index"], "id": sample["id"], "fact": sample["fact"], "checks": checks} | {
-        name: sample[name] for name in conditions
-    }
-
-
-def summary(results: dict) -> None:
-    for name, values in results["aggregates"].items():
-        print(f"{name}: " + ", ".join(f"{key} {value:.1f}" for key, value in values.items()))
-
-
-def main(argv: list[str] | None = None, subject: common.Subject | None = None) -> int:
-    return common.run_main(build_parser(), run, plot, summary, argv, subject)
+BENCHMARK = Editing()
+main = BENCHMARK.main

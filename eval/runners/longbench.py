@@ -7,12 +7,11 @@ mean x 100) per task. Baselines: no injection (the final chunk alone), and the c
 Data: `THUDM/LongBench` through `datasets` when online, or `--data-files DIR` with `<task>.jsonl` files.
 """
 
-import argparse
 import random
 
-from eval.data import LONGBENCH_TASKS
-
+from ..data import LONGBENCH_TASKS, longbench_records
 from . import common
+from .benchmark import Benchmark, CardEntry, Run
 
 
 MAX_GEN = {"narrativeqa": 128, "qasper": 128, "multifieldqa_en": 64, "hotpotqa": 32, "2wikimqa": 32, "musique": 32}
@@ -31,16 +30,6 @@ TEMPLATES = {
     "2wikimqa": PASSAGES,
     "musique": PASSAGES,
 }
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m eval longbench", description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", default=",".join(LONGBENCH_TASKS), help="comma list of LongBench tasks")
-    parser.add_argument("--data-files", help="folder of <task>.jsonl files in LongBench's schema (offline)")
-    parser.add_argument("--max-length", type=int, default=4096, help="prompt tokens kept: max_length - max_gen")
-    parser.add_argument("--chunk-size", type=int, default=512)
-    common.common_arguments(parser, default_batch=2)
-    return parser
 
 
 # ------------------------------------------------------------------------------------------------------- samples
@@ -72,8 +61,6 @@ def prepare(subject, task: str, records: list[dict], args, offset: int) -> list[
 
 
 def load_samples(subject, args) -> list[dict]:
-    from eval.data import longbench_records
-
     samples = []
     for task in args.tasks.split(","):
         if task not in MAX_GEN:
@@ -87,18 +74,6 @@ def load_samples(subject, args) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------------ generating
-def run_memory(subject, batch: list[dict], args) -> None:
-    """Inject every chunk but the last into a fresh memory per sample (round r: chunk r of each), then answer."""
-    states = subject.new_states(len(batch))
-    generators = common.sample_generators(args.seed, [sample["index"] for sample in batch])
-    rounds = max(len(sample["chunks"]) - 1 for sample in batch)
-    for round_index in range(rounds):
-        rows = [i for i, sample in enumerate(batch) if round_index < len(sample["chunks"]) - 1]
-        ids = [batch[i]["chunks"][round_index] for i in rows]
-        subject.inject(ids, [states[i] for i in rows], [generators[i] for i in rows])
-    answer(subject, batch, [s["chunks"][-1] for s in batch], states, "memory")
-
-
 def answer(subject, batch: list[dict], prompts: list[list[int]], states, name: str) -> None:
     """Greedy answers, grouped so that one generate call sees memories that are all read or all unread."""
     groups: dict[tuple, list[int]] = {}
@@ -112,68 +87,79 @@ def answer(subject, batch: list[dict], prompts: list[list[int]], states, name: s
             batch[row][name] = output
 
 
-def run_baselines(subject, batch: list[dict], names: list[str], args) -> None:
-    if "no_injection" in names:
-        answer(subject, batch, [sample["chunks"][-1] for sample in batch], None, "no_injection")
-    if "in_context" in names:
-        budget = [subject.max_positions - MAX_GEN[s["task"]] for s in batch]
-        answer(subject, batch, [s["kept"][-limit:] for s, limit in zip(batch, budget)], None, "in_context")
+# ---------------------------------------------------------------------------------------------------- benchmark
+class LongBench(Benchmark):
+    name = "longbench"
+    default_batch = 2
+
+    def add_arguments(self, parser) -> None:
+        parser.add_argument("--tasks", default=",".join(LONGBENCH_TASKS), help="comma list of LongBench tasks")
+        parser.add_argument("--data-files", help="folder of <task>.jsonl files in LongBench's schema (offline)")
+        parser.add_argument("--max-length", type=int, default=4096, help="prompt tokens kept: max_length - max_gen")
+        parser.add_argument("--chunk-size", type=int, default=512)
+
+    def load(self, run: Run) -> list[dict]:
+        return load_samples(run.subject, run.args)
+
+    def run_memory(self, run: Run, batch: list[dict]) -> None:
+        """Inject every chunk but the last into a fresh memory per sample (round r: chunk r of each), then answer."""
+        subject = run.subject
+        states = subject.new_states(len(batch))
+        generators = common.sample_generators(run.args.seed, [sample["index"] for sample in batch])
+        rounds = max(len(sample["chunks"]) - 1 for sample in batch)
+        for round_index in range(rounds):
+            rows = [i for i, sample in enumerate(batch) if round_index < len(sample["chunks"]) - 1]
+            ids = [batch[i]["chunks"][round_index] for i in rows]
+            subject.inject(ids, [states[i] for i in rows], [generators[i] for i in rows])
+        answer(subject, batch, [s["chunks"][-1] for s in batch], states, "memory")
+
+    def run_baselines(self, run: Run, batch: list[dict]) -> None:
+        subject = run.subject
+        if "no_injection" in run.baselines:
+            answer(subject, batch, [sample["chunks"][-1] for sample in batch], None, "no_injection")
+        if "in_context" in run.baselines:
+            budget = [subject.max_positions - MAX_GEN[s["task"]] for s in batch]
+            answer(subject, batch, [s["kept"][-limit:] for s, limit in zip(batch, budget)], None, "in_context")
+
+    def aggregate(self, run: Run, samples: list[dict]) -> dict:
+        metric = common.load_metric("qa_f1")
+        results = {}
+        for name in run.conditions:
+            tasks = {}
+            for task in dict.fromkeys(sample["task"] for sample in samples):
+                rows = [s for s in samples if s["task"] == task]
+                scores = metric.compute(predictions=[s[name] for s in rows], references=[s["answers"] for s in rows])
+                tasks[task] = {**scores, "count": len(rows)}
+            results[name] = {"tasks": tasks, "average_f1": common.mean(t["f1"] for t in tasks.values())}
+        return results
+
+    def public(self, run: Run, sample: dict) -> dict:
+        visible = {key: value for key, value in sample.items() if key not in ("chunks", "kept")}
+        return {**visible, "injected_chunks": len(sample["chunks"]) - 1}
+
+    def config_extra(self, run: Run) -> dict:
+        return {"max_gen": MAX_GEN}
+
+    def summary(self, results: dict) -> None:
+        for name, values in results["aggregates"].items():
+            tasks = ", ".join(f"{task} {scores['f1']:.1f}" for task, scores in values["tasks"].items())
+            print(f"{name}: average F1 {values['average_f1']:.1f} ({tasks})")
+
+    def card_entries(self, results: dict, memory: dict) -> list[CardEntry]:
+        split = "test" if not results["config"].get("data_files") else "local files"
+        entries = []
+        for task, scores in memory["tasks"].items():
+            fields = {"dataset_type": "THUDM/LongBench", "dataset_name": f"LongBench {task}", "dataset_config": task}
+            fields["dataset_split"] = split
+            entries.append(CardEntry("Long-context QA", "f1", "QA F1 (x100)", scores["f1"], fields))
+        return entries
+
+    def plot(self, results: dict, path, title: str):
+        aggregates = results["aggregates"]
+        tasks = list(next(iter(aggregates.values()))["tasks"]) if aggregates else []
+        series = {name: [values["tasks"][task]["f1"] for task in tasks] for name, values in aggregates.items()}
+        return common.grouped_bars(tasks, series, "QA F1 (x100)", title, path)
 
 
-# ------------------------------------------------------------------------------------------------------ aggregates
-def aggregate(samples: list[dict], conditions: list[str]) -> dict:
-    metric = common.load_metric("qa_f1")
-    results = {}
-    for name in conditions:
-        tasks = {}
-        for task in dict.fromkeys(sample["task"] for sample in samples):
-            rows = [s for s in samples if s["task"] == task]
-            scores = metric.compute(predictions=[s[name] for s in rows], references=[s["answers"] for s in rows])
-            tasks[task] = {**scores, "count": len(rows)}
-        results[name] = {"tasks": tasks, "average_f1": common.mean(t["f1"] for t in tasks.values())}
-    return results
-
-
-def plot(results: dict, path, title: str):
-    aggregates = results["aggregates"]
-    tasks = list(next(iter(aggregates.values()))["tasks"]) if aggregates else []
-    series = {name: [values["tasks"][task]["f1"] for task in tasks] for name, values in aggregates.items()}
-    return common.grouped_bars(tasks, series, "QA F1 (x100)", title, path)
-
-
-# ------------------------------------------------------------------------------------------------------------ run
-def run(args, subject: common.Subject | None = None) -> dict:
-    common.setup(args)
-    timer = common.Timer()
-    subject = subject or common.load_subject(args.model, args.tokenizer, args.device, args.dtype)
-    names = common.baselines(args)
-    samples = load_samples(subject, args)
-    timer.mark("load_s")
-    for batch in common.progress(common.batches(samples, args.batch_size), "longbench", args):
-        if subject.is_memory:
-            run_memory(subject, batch, args)
-        run_baselines(subject, batch, names, args)
-    timer.mark("evaluate_s")
-    conditions = (["memory"] if subject.is_memory else []) + names
-    return {
-        "benchmark": "longbench",
-        "config": common.run_config(args, subject, max_gen=MAX_GEN),
-        "aggregates": aggregate(samples, conditions),
-        "samples": [_public(sample) for sample in samples],
-        "timings": timer.summary(),
-    }
-
-
-def _public(sample: dict) -> dict:
-    visible = {key: value for key, value in sample.items() if key not in ("chunks", "kept")}
-    return {**visible, "injected_chunks": len(sample["chunks"]) - 1}
-
-
-def summary(results: dict) -> None:
-    for name, values in results["aggregates"].items():
-        tasks = ", ".join(f"{task} {scores['f1']:.1f}" for task, scores in values["tasks"].items())
-        print(f"{name}: average F1 {values['average_f1']:.1f} ({tasks})")
-
-
-def main(argv: list[str] | None = None, subject: common.Subject | None = None) -> int:
-    return common.run_main(build_parser(), run, plot, summary, argv, subject)
+BENCHMARK = LongBench()
+main = BENCHMARK.main

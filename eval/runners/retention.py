@@ -7,27 +7,21 @@ Scored by greedy generation (gold answer as a substring) and by the teacher-forc
 Baselines in the same run: the model with an empty memory (no injection), and with the context in the prompt.
 """
 
-import argparse
 import random
 
 from modeling_memoryllm.serving import chat_prompt
 
+from .. import data
 from . import common
+from .benchmark import Benchmark, CardEntry, Run
 
 
 DEFAULT_MAX_ANSWER_TOKENS = {"squad": 3, "nq": 4}  # the paper keeps answers of at most 3 (SQuAD) / 4 (NQ) tokens
 UNRELATED_RESERVE = 20  # contexts set aside as unrelated ones (the paper's largest k), whatever --ks asks for
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m eval retention", description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", choices=("squad", "nq"), default="squad")
-    parser.add_argument("--ks", type=common.int_list, default="0,1,2,5,10,20", help="numbers of unrelated contexts")
-    parser.add_argument("--context-tokens", type=int, default=512, help="contexts are cut to this many tokens")
-    parser.add_argument("--max-answer-tokens", type=int, help="keep answers this short (default 3 SQuAD / 4 NQ)")
-    parser.add_argument("--max-new-tokens", type=int, default=10)
-    common.common_arguments(parser)
-    return parser
+CARD_DATASETS = {  # benchmark -> (dataset type on the Hub, display name)
+    "retention-squad": ("rajpurkar/squad_v2", "SQuAD v2 dev, answerable (knowledge retention)"),
+    "retention-nq": ("google-research-datasets/nq_open", "NQ-open with gold passages (knowledge retention)"),
+}
 
 
 # ------------------------------------------------------------------------------------------------------- samples
@@ -102,45 +96,6 @@ def ask(subject, batch: list[dict], memory, args, prompt_key: str = "prompt_ids"
     ]
 
 
-def run_memory(subject, batch: list[dict], unrelated: list[list[int]], args) -> None:
-    """Context into fresh memories, then unrelated contexts; ask at every k (outputs under `sample["memory"]`)."""
-    states = subject.new_states(len(batch))
-    generators = common.sample_generators(args.seed, [sample["index"] for sample in batch])
-    subject.inject([sample["context_ids"] for sample in batch], states, generators)
-    injected = 0
-    for k in args.ks:
-        for ids in unrelated[injected:k]:
-            subject.inject([ids] * len(batch), states, generators)
-        injected = k
-        for sample, output in zip(batch, ask(subject, batch, states, args)):
-            sample.setdefault("memory", {})[str(k)] = output
-
-
-def run_baselines(subject, batch: list[dict], names: list[str], args) -> None:
-    if "no_injection" in names:
-        for sample, output in zip(batch, ask(subject, batch, None, args)):
-            sample["no_injection"] = output
-    if "in_context" in names:
-        fits = [s for s in batch if len(s["in_context_ids"]) + args.max_new_tokens <= subject.max_positions]
-        outputs = ask(subject, fits, None, args, "in_context_ids") if fits else []
-        by_index = {sample["index"]: output for sample, output in zip(fits, outputs)}
-        for sample in batch:
-            sample["in_context"] = by_index.get(sample["index"])  # None: the context does not fit
-
-
-# ------------------------------------------------------------------------------------------------------ aggregates
-def aggregate(samples: list[dict], ks: list[int], names: list[str]) -> dict:
-    metric = common.load_metric("knowledge_retention")
-    results = {}
-    if samples and "memory" in samples[0]:
-        outputs = [(k, s["answers"], s["memory"][str(k)]) for k in ks for s in samples]
-        results["memory"] = _compute(metric, outputs)
-    for name in names:
-        outputs = [(0, s["answers"], s[name]) for s in samples if s.get(name) is not None]
-        results[name] = _compute(metric, outputs) if outputs else None
-    return results
-
-
 def _compute(metric, outputs: list[tuple]) -> dict:
     return metric.compute(
         predictions=[output["prediction"] for _, _, output in outputs],
@@ -150,72 +105,117 @@ def _compute(metric, outputs: list[tuple]) -> dict:
     )
 
 
-def plot(results: dict, path, title: str):
-    plt = common.pyplot()
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    aggregates = results["aggregates"]
-    for axis, key, label in ((left, "accuracy", "accuracy"), (right, "nll", "gold-answer NLL (nats/token)")):
+# ---------------------------------------------------------------------------------------------------- benchmark
+class Retention(Benchmark):
+    name = "retention"
+
+    def add_arguments(self, parser) -> None:
+        parser.add_argument("--dataset", choices=("squad", "nq"), default="squad")
+        parser.add_argument("--ks", type=common.int_list, default="0,1,2,5,10,20", help="numbers of unrelated contexts")
+        parser.add_argument("--context-tokens", type=int, default=512, help="contexts are cut to this many tokens")
+        parser.add_argument("--max-answer-tokens", type=int, help="keep answers this short (default 3 SQuAD / 4 NQ)")
+        parser.add_argument("--max-new-tokens", type=int, default=10)
+
+    def benchmark_id(self, args) -> str:
+        return f"retention-{args.dataset}"
+
+    def load(self, run: Run) -> list[dict]:
+        """The samples, and the fixed unrelated contexts (token ids) in `run.shared["unrelated"]`."""
+        subject, args = run.subject, run.args
+        args.max_answer_tokens = args.max_answer_tokens or DEFAULT_MAX_ANSWER_TOKENS[args.dataset]
+        records = data.retention_records(args.dataset, args.split, args.data_dir)
+        chosen, unrelated = select(records, subject, args)
+        run.shared["unrelated"] = [subject.encode(text, special=False)[: args.context_tokens] for text in unrelated]
+        return prepare(subject, chosen, args)
+
+    def run_memory(self, run: Run, batch: list[dict]) -> None:
+        """Context into fresh memories, then unrelated contexts; ask at every k (outputs under `sample["memory"]`)."""
+        subject, args, unrelated = run.subject, run.args, run.shared["unrelated"]
+        states = subject.new_states(len(batch))
+        generators = common.sample_generators(args.seed, [sample["index"] for sample in batch])
+        subject.inject([sample["context_ids"] for sample in batch], states, generators)
+        injected = 0
+        for k in args.ks:
+            for ids in unrelated[injected:k]:
+                subject.inject([ids] * len(batch), states, generators)
+            injected = k
+            for sample, output in zip(batch, ask(subject, batch, states, args)):
+                sample.setdefault("memory", {})[str(k)] = output
+
+    def run_baselines(self, run: Run, batch: list[dict]) -> None:
+        subject, args = run.subject, run.args
+        if "no_injection" in run.baselines:
+            for sample, output in zip(batch, ask(subject, batch, None, args)):
+                sample["no_injection"] = output
+        if "in_context" in run.baselines:
+            fits = [s for s in batch if len(s["in_context_ids"]) + args.max_new_tokens <= subject.max_positions]
+            outputs = ask(subject, fits, None, args, "in_context_ids") if fits else []
+            by_index = {sample["index"]: output for sample, output in zip(fits, outputs)}
+            for sample in batch:
+                sample["in_context"] = by_index.get(sample["index"])  # None: the context does not fit
+
+    def aggregate(self, run: Run, samples: list[dict]) -> dict:
+        metric = common.load_metric("knowledge_retention")
+        results = {}
+        if samples and "memory" in samples[0]:
+            outputs = [(k, s["answers"], s["memory"][str(k)]) for k in run.args.ks for s in samples]
+            results["memory"] = _compute(metric, outputs)
+        for name in run.baselines:
+            outputs = [(0, s["answers"], s[name]) for s in samples if s.get(name) is not None]
+            results[name] = _compute(metric, outputs) if outputs else None
+        return results
+
+    def public(self, run: Run, sample: dict) -> dict:
+        hidden = ("context_ids", "prompt_ids", "in_context_ids", "answer_ids")
+        visible = {key: value for key, value in sample.items() if key not in hidden}
+        return {**visible, "context_tokens": len(sample["context_ids"])}
+
+    def config_extra(self, run: Run) -> dict:
+        args = run.args
+        source = str(data.data_file(args.dataset, args.split, args.data_dir))
+        return {"data_file": source, "unrelated_context_tokens": [len(u) for u in run.shared["unrelated"]]}
+
+    def summary(self, results: dict) -> None:
+        aggregates = results["aggregates"]
         memory = aggregates.get("memory")
         if memory:
-            ks = sorted(int(k) for k in memory[f"{key}_by_k"])
-            axis.plot(ks, [memory[f"{key}_by_k"][k] for k in ks], marker="o", label="memory")
-        for name, style in (("no_injection", "--"), ("in_context", ":")):
+            for k, accuracy in memory["accuracy_by_k"].items():
+                print(f"memory k={k}: accuracy {accuracy:.3f}, NLL {memory['nll_by_k'].get(k, float('nan')):.3f}")
+        for name in ("no_injection", "in_context"):
             if aggregates.get(name):
-                value = aggregates[name]["accuracy" if key == "accuracy" else "mean_nll"]
-                axis.axhline(value, linestyle=style, color="gray" if style == "--" else "black", label=name)
-        axis.set_xlabel("number of unrelated injections k")
-        axis.set_ylabel(label)
-        axis.legend()
-    figure.suptitle(title)
-    return common.save_figure(figure, path)
+                print(f"{name}: accuracy {aggregates[name]['accuracy']:.3f}, NLL {aggregates[name]['mean_nll']:.3f}")
+
+    def card_entries(self, results: dict, memory: dict) -> list[CardEntry]:
+        config = results["config"]
+        dataset_type, dataset_name = CARD_DATASETS[results["benchmark"]]
+        metric_args = {"max_answer_tokens": config.get("max_answer_tokens"), "samples": len(results["samples"])}
+        fields = {"metric_args": metric_args, "dataset_type": dataset_type, "dataset_name": dataset_name}
+        name = "Retention accuracy after {} unrelated injections (%)"
+        return [
+            CardEntry("Knowledge retention", "accuracy", name.format(k), 100 * accuracy, fields)
+            for k, accuracy in memory["accuracy_by_k"].items()
+        ]
+
+    def plot(self, results: dict, path, title: str):
+        """Accuracy and gold-answer NLL against k (memory), with the baselines as horizontal lines."""
+        plt = common.pyplot()
+        figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+        aggregates = results["aggregates"]
+        for axis, key, label in ((left, "accuracy", "accuracy"), (right, "nll", "gold-answer NLL (nats/token)")):
+            memory = aggregates.get("memory")
+            if memory:
+                ks = sorted(int(k) for k in memory[f"{key}_by_k"])
+                axis.plot(ks, [memory[f"{key}_by_k"][k] for k in ks], marker="o", label="memory")
+            for name, style in (("no_injection", "--"), ("in_context", ":")):
+                if aggregates.get(name):
+                    value = aggregates[name]["accuracy" if key == "accuracy" else "mean_nll"]
+                    axis.axhline(value, linestyle=style, color="gray" if style == "--" else "black", label=name)
+            axis.set_xlabel("number of unrelated injections k")
+            axis.set_ylabel(label)
+            axis.legend()
+        figure.suptitle(title)
+        return common.save_figure(figure, path)
 
 
-# ------------------------------------------------------------------------------------------------------------ run
-def run(args, subject: common.Subject | None = None) -> dict:
-    from eval import data
-
-    common.setup(args)
-    timer = common.Timer()
-    subject = subject or common.load_subject(args.model, args.tokenizer, args.device, args.dtype)
-    args.max_answer_tokens = args.max_answer_tokens or DEFAULT_MAX_ANSWER_TOKENS[args.dataset]
-    names = common.baselines(args)
-    records = data.retention_records(args.dataset, args.split, args.data_dir)
-    chosen, unrelated_texts = select(records, subject, args)
-    samples = prepare(subject, chosen, args)
-    unrelated = [subject.encode(text, special=False)[: args.context_tokens] for text in unrelated_texts]
-    timer.mark("load_s")
-    for batch in common.progress(common.batches(samples, args.batch_size), "retention", args):
-        if subject.is_memory:
-            run_memory(subject, batch, unrelated, args)
-        run_baselines(subject, batch, names, args)
-    timer.mark("evaluate_s")
-    source = str(data.data_file(args.dataset, args.split, args.data_dir))
-    config = common.run_config(args, subject, data_file=source, unrelated_context_tokens=[len(u) for u in unrelated])
-    return {
-        "benchmark": f"retention-{args.dataset}",
-        "config": config,
-        "aggregates": aggregate(samples, args.ks, names),
-        "samples": [_public(sample) for sample in samples],
-        "timings": timer.summary(),
-    }
-
-
-def _public(sample: dict) -> dict:
-    hidden = ("context_ids", "prompt_ids", "in_context_ids", "answer_ids")
-    visible = {key: value for key, value in sample.items() if key not in hidden}
-    return {**visible, "context_tokens": len(sample["context_ids"])}
-
-
-def main(argv: list[str] | None = None, subject: common.Subject | None = None) -> int:
-    return common.run_main(build_parser(), run, plot, summary, argv, subject)
-
-
-def summary(results: dict) -> None:
-    aggregates = results["aggregates"]
-    memory = aggregates.get("memory")
-    if memory:
-        for k, accuracy in memory["accuracy_by_k"].items():
-            print(f"memory k={k}: accuracy {accuracy:.3f}, NLL {memory['nll_by_k'].get(k, float('nan')):.3f}")
-    for name in ("no_injection", "in_context"):
-        if aggregates.get(name):
-            print(f"{name}: accuracy {aggregates[name]['accuracy']:.3f}, NLL {aggregates[name]['mean_nll']:.3f}")
+BENCHMARK = Retention()
+main = BENCHMARK.main

@@ -1,5 +1,6 @@
 """LongBench-style QA-F1 and exact match for free-form question answering."""
 
+import functools
 import re
 import string
 from collections import Counter
@@ -28,14 +29,18 @@ _DESCRIPTION = """\
 Token-level F1 and exact match between a generated answer and a set of gold answers, as used for the
 English QA tasks of LongBench. Both strings are normalized (lowercase, drop ASCII punctuation, drop the
 articles a/an/the, collapse whitespace) and split on whitespace. Each prediction takes the best score over
-its gold answers; the corpus score is the mean over predictions, multiplied by 100. When the normalized
-prediction or gold is empty, the pair scores 1 if both are empty and 0 otherwise (SQuAD v2 convention).
+its gold answers; the corpus score is the mean over predictions, multiplied by 100. F1 equals LongBench's
+`qa_f1_score` on every pair: a pair with no common token scores 0, also when both normalize to nothing (and
+such a pair is no exact match either). `empty_match=True` instead scores a pair whose normalized prediction or
+gold is empty 1 if both are empty and 0 otherwise, in both scores (SQuAD v2 convention).
 """
 
 _KWARGS_DESCRIPTION = """
 Args:
     predictions (`list` of `str`): generated answers, one per question.
     references (`list` of `list` of `str`): accepted gold answers for each question.
+    empty_match (`bool`, defaults to `False`): score a pair that both normalize to nothing 1 (SQuAD v2)
+        instead of 0 (LongBench), in F1 and exact match. A `compute` keyword.
 Returns:
     f1 (`float`): mean over questions of the best token-level F1 against any gold answer, in [0, 100].
     exact_match (`float`): percentage of questions whose normalized prediction equals a normalized gold answer.
@@ -56,11 +61,12 @@ def normalize_answer(text):
     return " ".join(_ARTICLES.sub(" ", text).split())
 
 
-def token_f1(prediction, gold):
-    """Token-level F1 between two answers after normalization."""
+def token_f1(prediction, gold, empty_match=False):
+    """Token-level F1 between two answers after normalization: LongBench's `qa_f1_score` (0 without a common
+    token, even when both are empty); with `empty_match`, 1 when both are empty (SQuAD v2)."""
     pred_tokens = normalize_answer(prediction).split()
     gold_tokens = normalize_answer(gold).split()
-    if not pred_tokens or not gold_tokens:
+    if empty_match and (not pred_tokens or not gold_tokens):
         return float(pred_tokens == gold_tokens)
     overlap = sum((Counter(pred_tokens) & Counter(gold_tokens)).values())
     if overlap == 0:
@@ -70,9 +76,10 @@ def token_f1(prediction, gold):
     return 2 * precision * recall / (precision + recall)
 
 
-def exact_match(prediction, gold):
-    """Whether two answers are equal after normalization."""
-    return float(normalize_answer(prediction) == normalize_answer(gold))
+def exact_match(prediction, gold, empty_match=False):
+    """Whether two answers are equal after normalization; two that normalize to nothing only with `empty_match`."""
+    normalized = normalize_answer(prediction)
+    return float(normalized == normalize_answer(gold) and (bool(normalized) or empty_match))
 
 
 def _best(score_fn, prediction, golds):
@@ -99,9 +106,11 @@ class QaF1(evaluate.Metric):
             reference_urls=["https://github.com/THUDM/LongBench", "https://arxiv.org/abs/2308.14508"],
         )
 
-    def _compute(self, predictions, references):
+    def _compute(self, predictions, references, empty_match=False):
         pairs = list(zip(predictions, references))
+        f1 = functools.partial(token_f1, empty_match=empty_match)
+        em = functools.partial(exact_match, empty_match=empty_match)
         return {
-            "f1": _percent_mean([_best(token_f1, p, golds) for p, golds in pairs]),
-            "exact_match": _percent_mean([_best(exact_match, p, golds) for p, golds in pairs]),
+            "f1": _percent_mean([_best(f1, p, golds) for p, golds in pairs]),
+            "exact_match": _percent_mean([_best(em, p, golds) for p, golds in pairs]),
         }
