@@ -14,9 +14,16 @@ from safetensors.torch import load_file
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED = pathlib.Path(os.environ.get("MEMORYLLM_SHARED", ROOT.parent / "shared"))
 os.environ.setdefault("MEMORYLLM_HUB_CONFIGS", str(ROOT / "hub_configs"))  # eval's default is ./hub_configs
-GOLDEN_A = SHARED / "golden" / "A"
-if not GOLDEN_A.exists():
-    GOLDEN_A = ROOT / "tests" / "data" / "golden_A"
+
+
+def golden_path(name: str) -> pathlib.Path:
+    """Golden set `name` ("A", "C", "E", ...): `$MEMORYLLM_SHARED/golden/<name>` when present, else the vendored
+    copy `tests/data/golden_<name>`."""
+    shared = SHARED / "golden" / name
+    return shared if shared.exists() else ROOT / "tests" / "data" / f"golden_{name}"
+
+
+GOLDEN_A = golden_path("A")
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
