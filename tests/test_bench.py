@@ -14,7 +14,7 @@ import torch
 
 pytest.importorskip("matplotlib")
 
-from eval.bench import gpu8b  # noqa: E402
+from eval.bench.measures import gpu_8b  # noqa: E402
 from eval.bench.run import main  # noqa: E402
 from modeling_memoryllm.testing_utils import tiny_config  # noqa: E402
 
@@ -112,7 +112,7 @@ def test_soak_mode(tmp_path, capsys):
 
 def test_8b_code_path_runs_on_cpu_with_a_tiny_shape():
     config = tiny_config("bench", num_tokens=8, num_blocks=2)
-    result = gpu8b.measure_8b(torch.device("cpu"), config=config, repeats=1, warmup=0, query_tokens=8)
+    result = gpu_8b.measure_8b(torch.device("cpu"), config=config, repeats=1, warmup=0, query_tokens=8)
     assert result["skipped"] is False
     assert result["memory_on_gpu"]["memory_device"] == "cpu"
     assert result["memory_offloaded"]["peak_allocated_mb"] is None  # no CUDA: no peak
@@ -121,7 +121,7 @@ def test_8b_code_path_runs_on_cpu_with_a_tiny_shape():
 
 
 def test_eight_b_config_is_the_paper_shape():
-    config = gpu8b.eight_b_config()
+    config = gpu_8b.eight_b_config()
     assert (config.num_hidden_layers, config.memory_rows, config.hidden_size) == (32, 12_800, 4096)
 
 

@@ -4,6 +4,7 @@
 Modes: the default runs measures 1-6 on the embedded default model (measure 6, the 8B shape, only on a GPU);
 `--quick` runs measures 1-5 on a tiny random config in well under a minute (for CI: the schema, not the timings);
 `--soak N` runs measure 7 alone: N injections into a tiny config, written to `soak.json` and `soak.png`.
+The measures, their rows and their plots come from the registry `measures.MEASURES`, in its order.
 """
 
 import argparse
@@ -17,8 +18,8 @@ import time
 import torch
 
 from ..paths import BENCH_RESULTS, COMMAND
-from . import gpu8b, measures, report
-from .measures import COST_POINTS, Bench
+from . import report
+from .measures import COST_POINTS, Bench, Context, log, of
 from .models import bench_model, model_info
 from .timing import load_average, machine_info, synchronizer
 
@@ -85,17 +86,9 @@ def default_max_injected(args: argparse.Namespace, device: torch.device) -> int:
     return COST_POINTS[-1] if device.type == "cuda" else 16_384
 
 
-def log(message: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
 # ------------------------------------------------------------------------------------------------------ bench
-def run_bench(args: argparse.Namespace, device: torch.device) -> dict:
-    dtype = getattr(torch, args.dtype)
-    machine = machine_info(device)
-    log(f"loading the model on {machine['device_name']} ({torch.get_num_threads()} threads)")
-    model, name = bench_model(args.quick, device, dtype)
-    bench = Bench(
+def make_bench(args: argparse.Namespace, model, device: torch.device) -> Bench:
+    return Bench(
         model=model,
         sync=synchronizer(device),
         repeats=args.repeats,
@@ -107,12 +100,23 @@ def run_bench(args: argparse.Namespace, device: torch.device) -> dict:
         context_repeats=args.context_repeats,
         sweep_query_tokens=tuple(int(n) for n in args.sweep_query_tokens.split(",") if n),
     )
+
+
+def run_bench(args: argparse.Namespace, device: torch.device) -> dict:
+    """Every measure of `bench.json`, in the registry's order: those on the model under test first (on a memory
+    grown once), then the others (the 8B shape) after that model is freed."""
+    dtype = getattr(torch, args.dtype)
+    machine = machine_info(device)
+    log(f"loading the model on {machine['device_name']} ({torch.get_num_threads()} threads)")
+    model, name = bench_model(args.quick, device, dtype)
     max_injected = default_max_injected(args, device)
     info = model_info(model, name)
-    results = run_measures(bench, max_injected, args.out)
-    del model, bench
+    context = Context(args, device, args.out, bench=make_bench(args, model, device))
+    context.grow(max_injected)
+    results = run_measures(context, [m for m in of("bench") if m.uses_model])
+    del model, context
     gc.collect()
-    results["gpu_8b"] = run_8b(args, device)
+    results |= run_measures(Context(args, device, args.out), [m for m in of("bench") if not m.uses_model])
     if args.quick:
         waive_targets(results, "quick mode (tiny config): the targets are for the default sizes")
     machine["load_average_end"] = load_average()
@@ -126,7 +130,7 @@ def run_bench(args: argparse.Namespace, device: torch.device) -> dict:
     return {
         "schema": SCHEMA,
         "mode": "quick" if args.quick else "full",
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": _now(),
         "machine": machine,
         "settings": settings,
         "measures": results,
@@ -134,39 +138,21 @@ def run_bench(args: argparse.Namespace, device: torch.device) -> dict:
     }
 
 
-def run_measures(bench: Bench, max_injected: int, out_dir: str) -> dict:
-    model = bench.model
-    log(f"injecting up to {max_injected:,} tokens (points {', '.join(f'{p:,}' for p in COST_POINTS)})")
-    states, stream = measures.grow_memory(bench, COST_POINTS, max_injected)
-    fill = min((p for p in COST_POINTS if p >= model.config.memory_rows), default=COST_POINTS[-1])
-    full = states[max(states)]["state"]
+def run_measures(context: Context, selected: list) -> dict:
+    """Run `selected` in order; the grown memories are dropped after the last measure that reads them."""
+    last_state_user = max((i for i, m in enumerate(selected) if m.uses_states), default=-1)
     results = {}
-    log("measure 1: TTFT")
-    results["ttft"] = measures.measure_ttft(bench, states[fill]["state"], stream, fill)
-    log("measure 2: per-query cost vs injected tokens")
-    results["per_query_cost"] = measures.measure_cost_curve(bench, states, stream)
-    del states
-    log("measure 3: injection throughput, batched injection")
-    results["injection"] = measures.measure_injection(bench, full)
-    log("measure 4: decode speed")
-    results["decode"] = measures.measure_decode(bench, full)
-    log("measure 5: state size, save, load")
-    results["size"] = measures.measure_size(bench, full, out_dir)
+    for index, measure in enumerate(selected):
+        if measure.uses_model:
+            log(f"measure {measure.number}: {measure.title}")
+        results[measure.key] = measure.run(context)
+        if index == last_state_user:
+            context.states = None
     return results
 
 
-def run_8b(args: argparse.Namespace, device: torch.device) -> dict:
-    if device.type != "cuda":
-        return gpu8b.skipped(f"needs a CUDA GPU; this run is on {device.type}")
-    if args.quick or args.skip_8b:
-        return gpu8b.skipped("--quick" if args.quick else "--skip-8b")
-    log("measure 6: 8B shape on the GPU")
-    try:
-        return gpu8b.measure_8b(device, repeats=args.repeats, warmup=args.warmup, query_tokens=args.gpu_query_tokens)
-    except torch.cuda.OutOfMemoryError as error:
-        gc.collect()
-        torch.cuda.empty_cache()
-        return gpu8b.skipped(f"out of GPU memory: {error}")
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def waive_targets(results: dict, reason: str) -> None:
@@ -194,7 +180,7 @@ def write_table(out_dir: str) -> str:
     soak = (_read_json(os.path.join(out_dir, "soak.json")) or {}).get("soak")
     bench = _read_json(os.path.join(out_dir, "bench.json"))
     path = os.path.join(out_dir, "bench_table.md")
-    text = report.table(bench, soak) if bench is not None else report.soak_table(soak)
+    text = report.table(bench, soak)
     with open(path, "w") as handle:
         handle.write(text)
     return path
@@ -209,53 +195,31 @@ def _read_json(path: str) -> dict | None:
 
 def replot(out_dir: str) -> list[str]:
     """Plots and table again from `bench.json` / `soak.json` (e.g. after changing the report code)."""
-    paths, bench, soak = (
-        [],
-        _read_json(os.path.join(out_dir, "bench.json")),
-        _read_json(os.path.join(out_dir, "soak.json")),
-    )
-    if bench is not None:
-        paths += report.plot_bench(bench, out_dir)
-    if soak is not None:
-        paths.append(report.plot_soak(soak["soak"], out_dir))
+    bench, soak = _read_json(os.path.join(out_dir, "bench.json")), _read_json(os.path.join(out_dir, "soak.json"))
     if bench is None and soak is None:
         raise SystemExit(f"No bench.json or soak.json in {out_dir}.")
+    paths = report.plot_bench(bench, out_dir) if bench is not None else []
+    paths += report.plot_soak(soak["soak"], out_dir) if soak is not None else []
     return [*paths, write_table(out_dir)]
 
 
-def soak_progress(total: int, every: float = 0.1):
-    """A `soak(on_record=...)` callback that logs each further tenth of the run."""
-    reported = [0.0]
-
-    def report(record: dict) -> None:
-        if record["injections"] >= total * (reported[0] + every) or record["injections"] >= total:
-            reported[0] = record["injections"] / total
-            log(
-                f"soak: {record['injections']:,} / {total:,} injections, RMS {record['rms']:.4f}, "
-                f"{record['seconds_per_injection'] * 1e3:.3f} ms each, finite {record['finite']}"
-            )
-
-    return report
-
-
 def run_soak(args: argparse.Namespace, device: torch.device) -> list[str]:
-    from .soak import soak
-
-    log(f"soak: {args.soak:,} injections into {args.soak_memories} tiny memories")
+    """The measures of `soak.json` (measure 7), on the CPU."""
     machine = machine_info(torch.device("cpu"))
     start = time.perf_counter()
-    result = soak(args.soak, memories=args.soak_memories, on_record=soak_progress(args.soak))
+    (measure,) = of("soak")
+    soak = measure.run(Context(args, torch.device("cpu"), args.out))
     result = {
         "schema": SCHEMA,
         "mode": "soak",
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": _now(),
         "machine": machine | {"load_average_end": load_average()},
         "wall_s": time.perf_counter() - start,
-        "soak": result,
+        "soak": soak,
     }
     path = os.path.join(args.out, "soak.json")
     report.write_json(result, path)
-    return [path, report.plot_soak(result["soak"], args.out), write_table(args.out)]
+    return [path, *report.plot_soak(soak, args.out), write_table(args.out)]
 
 
 def main(argv: list[str] | None = None) -> int:

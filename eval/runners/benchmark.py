@@ -29,6 +29,12 @@ class Run:
     baselines: list[str]
     shared: dict = field(default_factory=dict)
 
+    def new_memories(self, batch: list[dict]) -> tuple[list, list]:
+        """A fresh memory state per sample of `batch`, and a drop generator per sample seeded by its index (so a
+        batched run equals an unbatched one)."""
+        indices = [sample["index"] for sample in batch]
+        return self.subject.new_states(len(batch)), common.sample_generators(self.args.seed, indices)
+
     @property
     def conditions(self) -> list[str]:
         """What each sample is scored under: the memory (MemoryLLMs only), then the baselines."""

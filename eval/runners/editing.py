@@ -129,8 +129,7 @@ class Editing(Benchmark):
 
     def run_memory(self, run: Run, batch: list[dict]) -> None:
         subject, args = run.subject, run.args
-        states = subject.new_states(len(batch))
-        generators = common.sample_generators(args.seed, [sample["index"] for sample in batch])
+        states, generators = run.new_memories(batch)
         subject.inject([sample["fact_ids"] for sample in batch], states, generators)
         for sample, state in zip(batch, states):  # one memory per forward: its prefix is shared by the rows
             sample["memory"] = score(subject, [sample], state, args)[0]

@@ -104,8 +104,7 @@ class LongBench(Benchmark):
     def run_memory(self, run: Run, batch: list[dict]) -> None:
         """Inject every chunk but the last into a fresh memory per sample (round r: chunk r of each), then answer."""
         subject = run.subject
-        states = subject.new_states(len(batch))
-        generators = common.sample_generators(run.args.seed, [sample["index"] for sample in batch])
+        states, generators = run.new_memories(batch)
         rounds = max(len(sample["chunks"]) - 1 for sample in batch)
         for round_index in range(rounds):
             rows = [i for i, sample in enumerate(batch) if round_index < len(sample["chunks"]) - 1]

@@ -131,8 +131,7 @@ class Retention(Benchmark):
     def run_memory(self, run: Run, batch: list[dict]) -> None:
         """Context into fresh memories, then unrelated contexts; ask at every k (outputs under `sample["memory"]`)."""
         subject, args, unrelated = run.subject, run.args, run.shared["unrelated"]
-        states = subject.new_states(len(batch))
-        generators = common.sample_generators(args.seed, [sample["index"] for sample in batch])
+        states, generators = run.new_memories(batch)
         subject.inject([sample["context_ids"] for sample in batch], states, generators)
         injected = 0
         for k in args.ks:

@@ -10,7 +10,9 @@ import torch
 
 from modeling_memoryllm.testing_utils import SOAK_OVERRIDES, tiny_model
 
-from .timing import rss_bytes
+from ..timing import rss_bytes
+from .base import Context, Measure, log
+from .cells import fmt
 
 
 # The tiny soak model: the `"soak"` preset of `modeling_memoryllm.testing_utils` (sizes and why there).
@@ -100,3 +102,62 @@ def _soak_result(records: list[dict], total: int, memories: int, text_tokens: in
         },
         "thresholds": {"norm_bound": NORM_BOUND, "rss_growth": RSS_GROWTH, "time_growth": TIME_GROWTH},
     }
+
+
+def progress(total: int, every: float = 0.1) -> Callable[[dict], None]:
+    """A `soak(on_record=...)` callback that logs each further tenth of the run."""
+    reported = [0.0]
+
+    def report(record: dict) -> None:
+        if record["injections"] >= total * (reported[0] + every) or record["injections"] >= total:
+            reported[0] = record["injections"] / total
+            log(
+                f"soak: {record['injections']:,} / {total:,} injections, RMS {record['rms']:.4f}, "
+                f"{record['seconds_per_injection'] * 1e3:.3f} ms each, finite {record['finite']}"
+            )
+
+    return report
+
+
+def run(context: Context) -> dict:
+    args = context.args
+    log(f"soak: {args.soak:,} injections into {args.soak_memories} tiny memories")
+    return soak(args.soak, memories=args.soak_memories, on_record=progress(args.soak))
+
+
+# ------------------------------------------------------------------------------------------------- table, plot
+def rows(soak: dict) -> list[list[str]]:
+    checks, ratios = soak["checks"], soak["ratios"]
+    ok = all(checks.values())
+    each = fmt(soak["mean_seconds_per_injection"] * 1e3, 3)
+    text = (
+        f"soak: {soak['injections']:,} injections ({each} ms each): finite {checks['finite']}, RMS max/first "
+        f"{fmt(ratios['max_rms_vs_first'])}, RSS max/start {fmt(ratios['rss_max_vs_steady_start'], 3)}, "
+        f"time per injection last/first tenth {fmt(ratios['time_last_vs_first'])}"
+    )
+    return [["7", text, "", "", "", "finite, bounded, flat", "yes" if ok else "**no**"]]
+
+
+def plot(plt, result: dict):
+    records = result["records"]
+    steps = [r["injections"] for r in records]
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.4))
+    axes[0].plot(steps, [r["rms"] for r in records], label="RMS")
+    axes[0].plot(steps, [r["max_abs"] for r in records], label="max |x|")
+    axes[0].set_title("memory values", fontsize=9)
+    axes[0].legend(fontsize=8)
+    rss = [r["rss_bytes"] / 2**20 for r in records]
+    axes[1].plot(steps, rss)
+    axes[1].ticklabel_format(axis="y", useOffset=False, style="plain")
+    axes[1].set_ylim(0.9 * min(rss), 1.1 * max(rss))  # growth shown at its real size, not magnified
+    axes[1].set_title("process RSS (MiB)", fontsize=9)
+    axes[2].plot(steps, [r["seconds_per_injection"] * 1000 for r in records])
+    axes[2].set_title("ms per injection", fontsize=9)
+    axes[2].set_ylim(bottom=0)
+    for ax in axes:
+        ax.set_xlabel("injections")
+    fig.suptitle(f"soak: {result['injections']:,} injections into {result['memories']} memories", fontsize=9)
+    return fig
+
+
+MEASURE = Measure("soak", 7, "soak", run, rows, figure="soak.png", plot=plot, source="soak", uses_model=False)

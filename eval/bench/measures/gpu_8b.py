@@ -12,9 +12,10 @@ import torch
 
 from modeling_memoryllm import MemoryLLMConfig, MemoryLLMForCausalLM, MemoryState
 
-from ..paths import hub_configs_dir
-from .measures import prefill, recompute_prefill, target
-from .timing import interleaved, summary, synchronizer
+from ...paths import hub_configs_dir
+from ..timing import interleaved, summary, synchronizer
+from .base import Context, Measure, log, prefill, recompute_prefill, target
+from .cells import fmt, ms, row
 
 
 CONFIG_NAME = "memoryllm-8b"  # in the hub_configs folder ($MEMORYLLM_HUB_CONFIGS, default ./hub_configs)
@@ -148,3 +149,41 @@ def _result(config, device, query_tokens, weights_mb, plain, on_device, offloade
 
 def _div(a, b):
     return a / b if a is not None and b else None
+
+
+def run(context: Context) -> dict:
+    """Measure 6 when it applies: a CUDA device, not `--quick` or `--skip-8b`, enough GPU memory."""
+    args, device = context.args, context.device
+    if device.type != "cuda":
+        return skipped(f"needs a CUDA GPU; this run is on {device.type}")
+    if args.quick or args.skip_8b:
+        return skipped("--quick" if args.quick else "--skip-8b")
+    log("measure 6: 8B shape on the GPU")
+    try:
+        return measure_8b(device, repeats=args.repeats, warmup=args.warmup, query_tokens=args.gpu_query_tokens)
+    except torch.cuda.OutOfMemoryError as error:
+        gc.collect()
+        torch.cuda.empty_cache()
+        return skipped(f"out of GPU memory: {error}")
+
+
+def rows(gpu: dict) -> list[list[str]]:
+    if gpu.get("skipped"):
+        return [["6", "8B shape on GPU: peak memory, 2k-token query", "skipped", "", "", "< 18,000 MB", gpu["reason"]]]
+    off, on, t = gpu["memory_offloaded"], gpu["memory_on_gpu"], gpu["targets"][0]
+    on_text = (
+        f"8B shape, memory on GPU: peak MiB (paper {gpu['paper_mb']['memory_on_gpu']:,}); TTFT "
+        f"{ms(on['cached']['median_s'])}"
+    )
+    off_text = (
+        f"8B shape, memory offloaded: peak MiB vs 18,000 (paper {gpu['paper_mb']['memory_offloaded']:,}); TTFT "
+        f"{ms(off['cached']['median_s'])}"
+    )
+    return [
+        row(6, on_text, fmt(on["peak_allocated_mb"], 0), "", fmt(gpu["ratios"]["peak_on_gpu_vs_paper"])),
+        row(6, off_text, fmt(off["peak_allocated_mb"], 0), "18,000", fmt(t["value"]), t),
+    ]
+
+
+# Runs after the model under test is freed; it logs itself (only when it runs).
+MEASURE = Measure("gpu_8b", 6, "8B shape on the GPU", run, rows, uses_model=False)

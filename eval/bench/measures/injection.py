@@ -1,0 +1,152 @@
+"""Measure 3: injection throughput into a full memory vs a plain forward over the same chunk; batched injection
+into independent memories vs the same injections one after another. Its figure, `throughput.png`, also shows
+measure 4's decode speed."""
+
+import torch
+
+from modeling_memoryllm import MemoryLLMForCausalLM, MemoryState
+
+from ..models import random_tokens
+from ..timing import ratio, summary
+from . import decode
+from .base import CHUNK_SEED, Bench, Context, Measure, inject, target
+from .cells import fmt, ms, row
+
+
+def plain_forward(model: MemoryLLMForCausalLM, ids: torch.Tensor, plain: MemoryState) -> None:
+    """A forward over `ids` without memory and without a cache (what an injection pass costs at least)."""
+    with torch.inference_mode():
+        model(ids, memory=plain, logits_to_keep=1, use_cache=False)
+
+
+def _delta(model: MemoryLLMForCausalLM, chunk: torch.Tensor, state: MemoryState) -> None:
+    """The injection pass alone (the rows an injection would write), no state update."""
+    with torch.inference_mode():
+        model.compute_delta(chunk, memory=state)
+
+
+def measure_injection(bench: Bench, full: MemoryState) -> dict:
+    """Injection throughput into a full memory vs a plain forward over the same chunk; batched vs sequential."""
+    model = bench.model
+    length = model.config.max_inject_length
+    chunk = random_tokens(model, length, CHUNK_SEED, rows=1).to(bench.device)
+    state, plain = full.clone(), model.new_memory_state()
+    samples = bench.time(
+        {
+            "inject": lambda: inject(model, chunk, state),
+            "delta_only": lambda: _delta(model, chunk, state),
+            "plain_forward": lambda: plain_forward(model, chunk, plain),
+        }
+    )
+    med = {name: summary(s)["median_s"] for name, s in samples.items()}
+    single = {
+        "chunk_tokens": length,
+        "variants": {
+            name: {**summary(s), "tokens_per_s": length / summary(s)["median_s"]} for name, s in samples.items()
+        },
+        "inject_vs_forward": ratio(med["inject"], med["plain_forward"]),
+        "delta_only_vs_forward": ratio(med["delta_only"], med["plain_forward"]),
+        "state_update_share": ratio(med["inject"] - med["delta_only"], med["inject"]),
+    }
+    batched = [_batched_point(bench, full, n, chunk.shape[1]) for n in bench.batch_sizes]
+    return _injection_result(bench, single, batched)
+
+
+def _batched_point(bench: Bench, full: MemoryState, n: int, length: int) -> dict:
+    """`n` independent memories: one batched `inject` vs `n` injections one after another."""
+    model = bench.model
+    chunks = random_tokens(model, length, CHUNK_SEED + n, rows=n).to(bench.device)
+    states = [full.clone() for _ in range(n)]
+
+    def sequential() -> None:
+        for row_index, state in enumerate(states):
+            inject(model, chunks[row_index : row_index + 1], state)
+
+    samples = bench.time(
+        {"batched": lambda: inject(model, chunks, states), "sequential": sequential},
+        bench.batch_repeats,
+        warmup=0,  # injection is warm from the single-chunk measure; a warm-up here would cost 2n injections
+    )
+    med = {name: summary(s)["median_s"] for name, s in samples.items()}
+    return {
+        "memories": n,
+        "tokens": n * length,
+        "batched": {**summary(samples["batched"]), "tokens_per_s": n * length / med["batched"]},
+        "sequential": {**summary(samples["sequential"]), "tokens_per_s": n * length / med["sequential"]},
+        "batched_throughput_vs_sequential": ratio(med["sequential"], med["batched"]),
+    }
+
+
+def _injection_result(bench: Bench, single: dict, batched: list[dict]) -> dict:
+    on_gpu = bench.device.type == "cuda"
+    eight = next((b["batched_throughput_vs_sequential"] for b in batched if b["memories"] == 8), None)
+    return {
+        "description": "injection of one chunk into a full memory vs a plain forward over the same tokens; "
+        "batched injection into independent memories vs the same injections one after another",
+        "single": single,
+        "batched": batched,
+        "ratios": {
+            "inject_vs_forward": single["inject_vs_forward"],
+            **{f"batched_{b['memories']}_vs_sequential": b["batched_throughput_vs_sequential"] for b in batched},
+        },
+        "targets": [
+            target("injection time / plain forward time", single["inject_vs_forward"], "<=", 1.2),
+            target(
+                "throughput, 8 batched / 8 sequential injections",
+                eight,
+                ">=",
+                4.0,
+                applies=on_gpu and eight is not None,
+                note="" if on_gpu else "target is for GPU; on CPU the ratio is reported",
+            ),
+        ],
+    }
+
+
+def run(context: Context) -> dict:
+    return measure_injection(context.bench, context.full)
+
+
+# ------------------------------------------------------------------------------------------------- table, plot
+def rows(injection: dict) -> list[list[str]]:
+    single, t = injection["single"], injection["targets"]
+    v = single["variants"]
+    text = (
+        f"injection of {single['chunk_tokens']} tokens into a full memory vs plain forward (tokens/s: "
+        f"{v['inject']['tokens_per_s']:,.0f} vs {v['plain_forward']['tokens_per_s']:,.0f}); state update "
+        f"{single['state_update_share'] * 100:.0f}% of it"
+    )
+    inject_ms, forward_ms = ms(v["inject"]["median_s"]), ms(v["plain_forward"]["median_s"])
+    table = [row(3, text, inject_ms, forward_ms, fmt(single["inject_vs_forward"]), t[0])]
+    for b in injection["batched"]:
+        text = f"{b['memories']} memories: batched vs sequential injection (throughput ratio)"
+        times = ms(b["batched"]["median_s"]), ms(b["sequential"]["median_s"])
+        ratio_text = fmt(b["batched_throughput_vs_sequential"])
+        table.append(row(3, text, *times, ratio_text, t[1] if b["memories"] == 8 else None))
+    return table
+
+
+def plot(plt, measures: dict):
+    """`throughput.png`: one chunk's injection vs a plain forward, batched vs sequential injection, decode speed."""
+    injection = measures["injection"]
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.6))
+    single = injection["single"]["variants"]
+    bars = axes[0].bar(list(single), [v["tokens_per_s"] for v in single.values()], color=["#2a7", "#7c9", "#888"])
+    axes[0].bar_label(bars, fmt="%.0f", fontsize=8)
+    axes[0].set_ylabel("tokens/s")
+    axes[0].set_title(f"one chunk of {injection['single']['chunk_tokens']} tokens", fontsize=9)
+    batched = injection["batched"]
+    counts = [b["memories"] for b in batched]
+    axes[1].plot(counts, [b["batched"]["tokens_per_s"] for b in batched], "o-", label="batched", color="#2a7")
+    axes[1].plot(counts, [b["sequential"]["tokens_per_s"] for b in batched], "s-", label="sequential", color="#888")
+    axes[1].set_xlabel("independent memories")
+    axes[1].set_ylabel("injected tokens/s")
+    axes[1].legend(fontsize=8)
+    axes[1].set_title("batched injection", fontsize=9)
+    decode.draw_speed(axes[2], measures["decode"])
+    return fig
+
+
+MEASURE = Measure(
+    "injection", 3, "injection throughput, batched injection", run, rows, figure="throughput.png", plot=plot
+)

@@ -1,0 +1,104 @@
+"""Measure 1: time to first token with the memory prefix cached, vs the plain backbone, the prefix recomputed per
+call, and the injected text in the prompt instead; the same ratios at more query lengths (`--sweep-query-tokens`)."""
+
+import torch
+
+from modeling_memoryllm import MemoryState
+
+from ..timing import ratio, summary
+from .base import Bench, Context, Measure, median, prefill, recompute_prefill, target
+from .cells import fmt, ms, row
+
+
+def measure_ttft(bench: Bench, state: MemoryState, stream: torch.Tensor, injected: int) -> dict:
+    """TTFT with the memory prefix cached, vs the plain backbone, the prefix recomputed per call, and the injected
+    text in the prompt instead."""
+    model, query = bench.model, bench.query()
+    plain = model.new_memory_state()
+    context = torch.cat([stream[:injected].to(bench.device).unsqueeze(0), query], dim=1)
+    samples = bench.time(
+        {**_variants(model, query, state, plain), "in_context": lambda: prefill(model, context, plain)}
+    )
+    ratios = _ttft_ratios(samples)
+    ratios["in_context_vs_cached"] = ratio(median(samples["in_context"]), median(samples["cached"]))
+    return {
+        "description": "time to first token (prefill forward, last-position logits) after injection",
+        "query_tokens": bench.query_tokens,
+        "injected_tokens": injected,
+        "in_context_prompt_tokens": int(context.shape[1]),
+        "variants": {name: summary(s) for name, s in samples.items()},
+        "ratios": ratios,
+        "by_query_tokens": [_ttft_at(bench, state, tokens) for tokens in bench.sweep_query_tokens],
+        "targets": [
+            target("cached TTFT / plain backbone TTFT", ratios["cached_vs_plain"], "<=", 1.3),
+            target("recomputed-per-call TTFT / cached TTFT", ratios["recompute_vs_cached"], ">=", 3.0),
+        ],
+    }
+
+
+def _variants(model, query: torch.Tensor, state: MemoryState, plain: MemoryState) -> dict:
+    """The plain backbone (`plain`: an empty memory), the memory prefix cached, and the prefix recomputed per call."""
+    return {
+        "plain": lambda: prefill(model, query, plain),
+        "cached": lambda: prefill(model, query, state),
+        "recompute": lambda: recompute_prefill(model, query, state),
+    }
+
+
+def _ttft_ratios(samples: dict[str, list[float]]) -> dict:
+    med = {name: median(s) for name, s in samples.items()}
+    return {
+        "cached_vs_plain": ratio(med["cached"], med["plain"]),
+        "recompute_vs_cached": ratio(med["recompute"], med["cached"]),
+    }
+
+
+def _ttft_at(bench: Bench, state: MemoryState, tokens: int) -> dict:
+    """Plain, cached and recomputed TTFT for a query of `tokens` tokens (the ratios depend on the query length)."""
+    samples = bench.time(_variants(bench.model, bench.query(tokens), state, bench.model.new_memory_state()))
+    return {"query_tokens": tokens, "variants": {k: summary(s) for k, s in samples.items()}, **_ttft_ratios(samples)}
+
+
+def run(context: Context) -> dict:
+    return measure_ttft(context.bench, context.states[context.fill]["state"], context.stream, context.fill)
+
+
+# ------------------------------------------------------------------------------------------------- table, plot
+def rows(ttft: dict) -> list[list[str]]:
+    v, r, t = ttft["variants"], ttft["ratios"], ttft["targets"]
+    name = f"TTFT, {ttft['query_tokens']}-token query"
+    plain, cached, recompute, in_context = (
+        ms(v[k]["median_s"]) for k in ("plain", "cached", "recompute", "in_context")
+    )
+    injected = f"{ttft['injected_tokens']:,} injected tokens in the prompt"
+    table = [
+        row(1, f"{name}, memory KV cached vs plain backbone", cached, plain, fmt(r["cached_vs_plain"]), t[0]),
+        row(1, f"{name}, memory recomputed per call vs cached", recompute, cached, fmt(r["recompute_vs_cached"]), t[1]),
+        row(1, f"{name}, {injected} vs cached", in_context, cached, fmt(r["in_context_vs_cached"])),
+    ]
+    for point in ttft.get("by_query_tokens", []):
+        v = point["variants"]
+        text = (
+            f"TTFT, {point['query_tokens']}-token query: cached vs plain; recomputed per call vs cached "
+            f"{fmt(point['recompute_vs_cached'])}x ({ms(v['recompute']['median_s'])})"
+        )
+        table.append(
+            row(1, text, ms(v["cached"]["median_s"]), ms(v["plain"]["median_s"]), fmt(point["cached_vs_plain"]))
+        )
+    return table
+
+
+def plot(plt, measures: dict):
+    ttft = measures["ttft"]
+    names = list(ttft["variants"])
+    values = [ttft["variants"][n]["median_s"] * 1000 for n in names]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    bars = ax.bar(names, values, color=["#888", "#2a7", "#c53", "#36c"][: len(names)])
+    ax.bar_label(bars, fmt="%.1f ms", fontsize=8)
+    ax.set_yscale("log")  # in-context prompts are orders of magnitude slower
+    ax.set_ylabel("time to first token (ms, median, log scale)")
+    ax.set_title(f"Query of {ttft['query_tokens']} tokens after {ttft['injected_tokens']:,} injected", fontsize=9)
+    return fig
+
+
+MEASURE = Measure("ttft", 1, "TTFT", run, rows, figure="ttft.png", plot=plot, uses_states=True)
