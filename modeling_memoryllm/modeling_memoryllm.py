@@ -192,6 +192,11 @@ class MemoryLLMForCausalLM(MemoryLLMPreTrainedModel, LlamaForCausalLM):
             past_length = cache.get_seq_length() if cache is not None else 0
             positions = text_positions(attention_mask, past_length, prefix_length, query_length, tokens.device)
             text_length = past_length - prefix_length + query_length
+            if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] != text_length:
+                raise ValueError(
+                    f"attention_mask covers {attention_mask.shape[1]} tokens but the text has {text_length}: the mask "
+                    "covers the text only (past and new tokens), not the memory rows."
+                )
             prefix = prefix_of(cache, self, states, batch_size)
             outputs = super().forward(
                 input_ids=input_ids,

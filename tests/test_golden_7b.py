@@ -372,7 +372,6 @@ def test_left_padded_batch_equals_each_row_alone(model, fx):
     assert_close(logits[1:, -1], fx["e.step_logits"][:, 0])
 
 
-@pytest.mark.xfail(strict=True, reason="core: a mask of the original's length ones(M + T) is taken as padding")
 @torch.no_grad()
 def test_mask_of_the_originals_length_is_refused_or_honoured(golden_model_c, fx):
     d = fx["input.query_d"]
