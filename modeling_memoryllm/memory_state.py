@@ -37,6 +37,7 @@ def config_fingerprint(config: MemoryLLMConfig) -> dict[str, int]:
     }
 
 
+# A little over 200 lines: a state's data, its updates, its cached prefix and its files belong together.
 class MemoryState:
     """
     The memory pool that a MemoryLLM reads and writes, kept apart from the model weights.

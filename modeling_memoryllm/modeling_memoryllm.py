@@ -107,6 +107,8 @@ def pop_cache_argument(kwargs: dict):
     return cache if cache is not None else legacy
 
 
+# A little over 200 lines: it is the whole public API (reading, injection, tokenizer, saving), each method a thin
+# call into injection.py, cache_memoryllm.py, validation.py or backbone.py.
 class MemoryLLMForCausalLM(MemoryLLMPreTrainedModel, LlamaForCausalLM):
     """
     A Llama causal LM with a memory pool per layer. `inject(text)` writes to the memory; `forward` and `generate`
