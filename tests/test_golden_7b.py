@@ -372,7 +372,10 @@ def test_left_padded_batch_equals_each_row_alone(model, fx):
     assert_close(logits[1:, -1], fx["e.step_logits"][:, 0])
 
 
-@pytest.mark.xfail(strict=True, reason="core: a mask of the original's length ones(M + T) is taken as padding")
+ORIGINAL_MASK_BUG = "core: a mask longer than the input (the original's ones(M + T)) is accepted and shifts positions"
+
+
+@pytest.mark.xfail(strict=True, reason=ORIGINAL_MASK_BUG)
 @torch.no_grad()
 def test_mask_of_the_originals_length_is_refused_or_honoured(golden_model_c, fx):
     d = fx["input.query_d"]
@@ -410,6 +413,28 @@ def test_generate_without_mask_equals_full_forward_loop(backend_model_pair, fx, 
     assert_close(torch.stack(out.logits, dim=1), logits)
     if bos and initialized:
         assert torch.equal(out.sequences, fx["e.sequences"])
+
+
+@torch.no_grad()
+def test_pretraining_tp_is_ignored(fx):
+    """The original raises `NotImplementedError` in attention for `pretraining_tp > 1`; the value changes nothing."""
+    model = load_c(pretraining_tp=2)
+    assert model.config.pretraining_tp == 2
+    assert_close(model(fx["input.query_d"]).logits, fx["d.logits"])
+
+
+def test_update_longer_than_the_memory_keeps_its_size(golden_model_c, fx):
+    """The original: `AssertionError` at init = 1, a memory grown to T' rows at init = 0. Here: `ValueError`, and the
+    last M rows (the memory has a fixed size)."""
+    M0 = fx["input.memory_M0"]
+    rows = M0.shape[1]
+    delta = torch.randn(M0.shape[0], rows + 1, M0.shape[2], generator=torch.Generator().manual_seed(0))
+    provenance = torch.zeros(M0.shape[:2], dtype=torch.long)
+    with pytest.raises(ValueError, match="does not fit"):
+        golden_model_c.variant.update(MemoryState(M0, True, provenance), delta, 1)
+    update = golden_model_c.variant.update(MemoryState(M0, False, provenance), delta, 1)
+    assert update.initialized and update.memory.shape == M0.shape
+    assert_close(update.memory, delta[:, -rows:], tol=0)
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
