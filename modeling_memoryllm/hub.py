@@ -33,8 +33,8 @@ print(tokenizer.decode(model.generate(ids, memory=state, max_new_tokens=32)[0]))
 state.save("memory.safetensors")            # safetensors, apart from the weights
 ```
 
-One memory takes {layers} x {rows} x {hidden} x {bytes} B = {size_mb:,.0f} MB in {dtype}.
-Converted with `memoryllm convert` from a checkpoint in the released layout.
+One memory takes {layers} x {rows} x {hidden} x {bytes} B = {size_mb:,.0f} MB in {dtype}. Memory rules:
+`memory_variant: "{variant}"`. Converted with `memoryllm convert` from a checkpoint in the released layout.
 """
 
 
@@ -90,6 +90,7 @@ def model_card(model: MemoryLLMForCausalLM, repo: str) -> str:
         bytes=bytes_per_value,
         size_mb=config.num_hidden_layers * config.memory_rows * config.hidden_size * bytes_per_value / 1e6,
         dtype=str(model.memory.dtype).removeprefix("torch."),
+        variant=config.memory_variant,
     )
 
 

@@ -411,6 +411,69 @@ def test_generate_without_mask_equals_full_forward_loop(backend_model_pair, fx, 
         assert torch.equal(out.sequences, fx["e.sequences"])
 
 
+@torch.no_grad()
+def test_pretraining_tp_is_ignored(fx):
+    """The original raises `NotImplementedError` in attention for `pretraining_tp > 1`; the value changes nothing."""
+    model = load_c(pretraining_tp=2)
+    assert model.config.pretraining_tp == 2
+    assert_close(model(fx["input.query_d"]).logits, fx["d.logits"])
+
+
+def test_update_longer_than_the_memory_keeps_its_size(golden_model_c, fx):
+    """The original: `AssertionError` at init = 1, a memory grown to T' rows at init = 0. Here: `ValueError`, and the
+    last M rows (the memory has a fixed size)."""
+    M0 = fx["input.memory_M0"]
+    rows = M0.shape[1]
+    delta = torch.randn(M0.shape[0], rows + 1, M0.shape[2], generator=torch.Generator().manual_seed(0))
+    provenance = torch.zeros(M0.shape[:2], dtype=torch.long)
+    with pytest.raises(ValueError, match="does not fit"):
+        golden_model_c.variant.update(MemoryState(M0, True, provenance), delta, 1)
+    update = golden_model_c.variant.update(MemoryState(M0, False, provenance), delta, 1)
+    assert update.initialized and update.memory.shape == M0.shape
+    assert_close(update.memory, delta[:, -rows:], tol=0)
+
+
 @pytest.fixture(scope="module", params=BACKENDS)
 def backend_model_pair(request):
     return {True: load_c(request.param), False: load_c(request.param, add_bos_embedding=False)}
+
+
+# ---------------------------------------------------------------------------------------------- memoryllm convert
+
+CONVERTED_CHECK = r"""
+import sys
+sys.modules["modeling_memoryllm"] = None  # the package itself must not be importable
+import json, torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+folder, fixtures_path = sys.argv[1], sys.argv[2]
+fx = load_file(fixtures_path)
+results = {}
+with torch.no_grad():
+    for attn in ("sdpa", "eager"):
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, attn_implementation=attn).eval()
+        logits = model(fx["input.query_d"]).logits
+        close = (logits - fx["d.logits"]).abs() <= 1e-4 + 1e-4 * fx["d.logits"].abs()
+        results[attn] = {"variant": model.config.memory_variant, "d": bool(close.all())}
+print(json.dumps(results))
+"""
+
+
+@torch.no_grad()
+def test_convert_7b_folder_and_reload(fx, raw_config, tmp_path):
+    from modeling_memoryllm import cli
+
+    out = tmp_path / "memoryllm-7b-tiny"
+    assert cli.main(["convert", str(CHECKPOINT), str(out)]) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["memory_variant"] == "memoryllm-7b" and "auto_map" in saved
+    assert all(saved[key] == value for key, value in raw_config.items() if key not in REWRITTEN)
+    assert '`memory_variant: "memoryllm-7b"`' in (out / "README.md").read_text()
+    assert (out / "generation_config.json").exists()
+    for backend in BACKENDS:
+        model = load_c(backend, out)
+        assert model.config.memory_variant == "memoryllm-7b"
+        assert_close(model.memory, fx["input.memory_M0"], tol=0)
+        assert_close(model(fx["input.query_d"]).logits, fx["d.logits"])
+    results = run_offline_script(CONVERTED_CHECK, str(out), str(GOLDEN_C / "fixtures.safetensors"), cwd=tmp_path)
+    assert results == {backend: {"variant": "memoryllm-7b", "d": True} for backend in BACKENDS}

@@ -11,9 +11,11 @@ from transformers import AutoConfig, GenerationConfig
 
 import modeling_memoryllm  # noqa: F401  (registers "memoryllm" with the Auto classes)
 from modeling_memoryllm import MemoryLLMConfig, MemoryLLMForCausalLM
+from tests.conftest import golden_path
 
 
 HUB_CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "hub_configs"
+GOLDEN_C = golden_path("C")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
 AUTO_MAP = {
     "AutoConfig": "configuration_memoryllm.MemoryLLMConfig",
@@ -40,7 +42,34 @@ LLAMA_3_8B = {
     "max_inject_length": 512,
     "memory_variant": "memoryllm-8b",
 }
-# Each variant: the config fields it must have, its RoPE, generation ids and card metadata.
+LLAMA_2_7B = {
+    "vocab_size": 32000,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "rms_norm_eps": 1e-5,
+    "max_position_embeddings": 4096,
+    "bos_token_id": 1,
+    "tie_word_embeddings": False,
+}
+# The released 7B config's keys that the code never reads (SEMANTICS-7B.md): kept as released.
+NEVER_READ_7B = (
+    "add_positional_embedding",
+    "shrink_to_one_embedding",
+    "split_positional_embedding",
+    "new_memory_embedding_fullset",
+    "delta_memory_ratio",
+    "new_delta_memory_length",
+    "drop_memory_token",
+    "share_position_ids",
+    "use_negative_position_ids",
+    "put_memory_on_cpu",
+    "add_pad_token",
+    "pad_to_max_length",
+)
+# Each variant: the config fields it must have, its RoPE, dtype, generation ids and card metadata.
 VARIANTS = {
     "memoryllm-8b": {
         "config": {**LLAMA_3_8B, "eos_token_id": 128001},
@@ -55,6 +84,26 @@ VARIANTS = {
         "generation": {"bos_token_id": 128000, "eos_token_id": [128001, 128009], "pad_token_id": 128009},
         "license": "llama3",
         "base_model": "meta-llama/Meta-Llama-3-8B-Instruct",
+    },
+    "memoryllm-7b": {
+        "config": {
+            **LLAMA_2_7B,
+            "eos_token_id": 2,
+            "pad_token_id": 2,
+            "num_tokens": 256,
+            "num_blocks": 30,
+            "add_bos_embedding": True,
+            "interpolate_position_ids": True,
+            "lora_config": None,
+            "max_inject_length": 512,
+            "memory_variant": "memoryllm-7b",
+        },
+        # position interpolation as linear scaling: (num_blocks + 1) * num_tokens / max_position_embeddings
+        "rope": {"rope_type": "linear", "factor": (30 + 1) * 256 / 4096, "rope_theta": 10000.0},
+        "dtype": torch.float32,  # as released
+        "generation": {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2},
+        "license": "llama2",
+        "base_model": "meta-llama/Llama-2-7b-hf",
     },
     "smollm2-135m-memoryllm": {
         "config": {
@@ -109,7 +158,9 @@ def llama_parameters(spec: dict) -> int:
 
 
 def lora_parameters(spec: dict) -> int:
-    """r * (in + out) per target projection, per adapter, per layer."""
+    """r * (in + out) per target projection, per adapter, per layer (none without `lora_config`)."""
+    if spec.get("lora_config") is None:
+        return 0
     d, inter, rank = spec["hidden_size"], spec["intermediate_size"], spec["lora_config"]["r"]
     kv_width = spec["num_key_value_heads"] * (d // spec["num_attention_heads"])
     shapes = {
@@ -122,7 +173,7 @@ def lora_parameters(spec: dict) -> int:
         "down_proj": (inter, d),
     }
     per_adapter = sum(rank * sum(shapes[t]) for t in spec["lora_config"]["target_modules"])
-    adapters = 2 if spec["add_decoder_lora"] else 1
+    adapters = 2 if spec.get("add_decoder_lora", True) else 1
     return per_adapter * adapters * spec["num_hidden_layers"]
 
 
@@ -141,7 +192,7 @@ def check_config(config, name: str) -> None:
     spec = expected["config"]
     assert config.memory_rows == spec["num_tokens"] * spec["num_blocks"]
     assert config.head_dim == spec["hidden_size"] // spec["num_attention_heads"]
-    assert config.dtype == torch.bfloat16
+    assert config.dtype == expected.get("dtype", torch.bfloat16)
     assert config.architectures == ["MemoryLLMForCausalLM"]
     assert config.auto_map == AUTO_MAP
     rope = {key: config.rope_parameters.get(key) for key in expected["rope"]}
@@ -198,7 +249,7 @@ def test_parameter_count_on_meta_device(name):
 
     assert model.memory.shape == (spec["num_hidden_layers"], config.memory_rows, spec["hidden_size"])
     assert model.bos_embedding.shape == (spec["num_hidden_layers"], 1, spec["hidden_size"])
-    assert lora == lora_parameters(spec)
+    assert lora == lora_parameters(spec) and (lora > 0) == (spec["lora_config"] is not None)
     assert memory == memory_parameters(spec)
     assert llama == llama_parameters(spec)
     total = llama_parameters(spec) + lora_parameters(spec) + memory_parameters(spec)
@@ -207,6 +258,33 @@ def test_parameter_count_on_meta_device(name):
 
 def test_llama_formula_gives_llama_3_8b():
     assert llama_parameters(LLAMA_3_8B) == 8_030_261_248
+
+
+def test_llama_formula_gives_llama_2_7b():
+    assert llama_parameters(LLAMA_2_7B) == 6_738_415_616
+
+
+def test_7b_config_keeps_the_released_keys():
+    """RoPE in the released style (interpolation, no `rope_scaling`, base 10000), no adapters, and the never-read
+    keys with the values of the released layout (golden C's `config.json` was made from it)."""
+    raw = json.loads((folder("memoryllm-7b") / "config.json").read_text())
+    released = json.loads((GOLDEN_C / "checkpoint" / "config.json").read_text())
+    assert raw["interpolate_position_ids"] is True and raw["rope_scaling"] is None and raw["rope_theta"] == 10000.0
+    assert "rope_parameters" not in raw and "lora_config" not in raw and "num_memory_tokens" not in raw
+    for key in NEVER_READ_7B:
+        assert raw[key] == released[key], key
+    assert set(released) - set(raw) <= {"torch_dtype", "transformers_version"}  # transformers 5 names: dtype
+
+
+def test_7b_config_without_variant_name_is_recognised():
+    raw = json.loads((folder("memoryllm-7b") / "config.json").read_text())
+    raw.pop("memory_variant")
+    config = MemoryLLMConfig.from_dict({**raw, "rope_theta": 5e5})  # the base is 10000 whatever the config says
+    assert config.rope_parameters["rope_theta"] == 10000.0
+    assert config.memory_variant == "memoryllm-7b"
+    span = (raw["num_blocks"] + 1) * raw["num_tokens"]
+    assert config.rope_parameters["factor"] == span / raw["max_position_embeddings"] == 1.9375
+    assert not config.variant.drops_per_layer(config) and config.adapter_names == ()
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -250,3 +328,22 @@ def test_default_card_states_the_training_free_mode():
     assert "**input** hidden states" in text
     assert "compressed KV cache" in text
     assert "adapters are untrained" in text
+
+
+def test_7b_card_states_the_variant_and_the_deliberate_differences():
+    text = ModelCard.load(folder("memoryllm-7b") / "README.md").text
+    for needle in (
+        '`memory_variant: "memoryllm-7b"`',
+        "linear RoPE scaling with factor",
+        "**1.9375**",
+        "No adapters.",
+        "One shared drop.",
+        "No `e` at the first injection.",
+        "GQA runs",
+        '`attn_implementation="sdpa"` is refused',
+        "a mask covers the text only",
+        "`generate` works without a mask and without bos",
+        "4,026,531,840 (4.03 GB, 3.75 GiB)",
+        "see the paper's experiments section",
+    ):
+        assert needle in text, needle
