@@ -86,3 +86,12 @@ def test_an_8b_memory_is_refused_by_an_mplus_model():
     plain = MemoryState(torch.zeros(3, 32, 64), initialized=True)
     with pytest.raises(ValueError, match="reads a MPlusMemoryState"):
         model(torch.tensor([[5, 6, 7]]), memory=plain)
+
+
+def test_mplus_refuses_an_update_mode_it_does_not_have():
+    config = json.loads((golden_path("E") / "checkpoint" / "config.json").read_text())
+    from modeling_memoryllm import MemoryLLMConfig
+
+    assert MemoryLLMConfig(**config).memory_variant == "mplus"
+    with pytest.raises(ValueError, match="immediate"):
+        MemoryLLMConfig(**{**config, "update_ltm_mode": "decouple"})
