@@ -68,6 +68,7 @@ class Manifest:
 
 def _write_json(path: pathlib.Path, data: dict) -> None:
     handle, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.chmod(staging, 0o644)
     with os.fdopen(handle, "w", encoding="utf-8") as file:
         json.dump(data, file, indent=2)
         file.flush()

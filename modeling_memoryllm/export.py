@@ -290,6 +290,7 @@ def save_prefix(export: PrefixExport, path: str | os.PathLike) -> None:
     path = pathlib.Path(path)
     handle, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(handle)
+    os.chmod(staging, 0o644)  # a server running as another user reads the store
     try:
         save_file({"keys": keys, "values": values}, staging, metadata=metadata)
         with open(staging, "rb") as file:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from modeling_memoryllm import default
+from modeling_memoryllm import MemoryLLMForCausalLM, default
 from modeling_memoryllm.export import (
     export_prefix,
     export_reading_model,
@@ -21,7 +21,7 @@ from modeling_memoryllm.export import (
 from modeling_memoryllm.lora import LoraLinear
 from modeling_memoryllm.modeling_memoryllm import CACHE_KWARG
 from modeling_memoryllm.testing_utils import tiny_model
-from tests.conftest import load_golden
+from tests.conftest import golden_path, load_golden
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -108,6 +108,22 @@ def test_training_free_exports_only_written_rows(chunks):
     assert 0 < written < model.config.memory_rows
     export = assert_reads_alike(model, state, torch.tensor([[7, 8, 9, 200, 31]]))
     assert export.rows == 1 + written and export.prefix_length == 1 + model.config.memory_rows
+
+
+def test_golden_c_memoryllm_7b_over_exported_prefix():
+    """The paper's 7B rules (no adapters, linear RoPE scaling from the position interpolation) export alike."""
+    model = MemoryLLMForCausalLM.from_pretrained(golden_path("C") / "checkpoint", dtype=torch.float32).eval()
+    assert model.config.memory_variant == "memoryllm-7b"
+    assert_reads_alike(model, model.memory_state, torch.tensor([[5, 17, 30, 42, 9]]))
+
+
+def test_mplus_is_refused():
+    """M+ retrieves memory rows per query: no static prefix to export."""
+    model = MemoryLLMForCausalLM.from_pretrained(golden_path("E") / "checkpoint").eval()
+    with pytest.raises(ValueError, match="retrieves memory rows per query"):
+        export_prefix(model, model.memory_state)
+    with pytest.raises(ValueError, match="retrieves memory rows per query"):
+        reading_model(model)
 
 
 def test_empty_memory_exports_no_rows():

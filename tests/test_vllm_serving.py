@@ -20,7 +20,7 @@ from memoryllm_vllm.service import MemoryService  # noqa: E402
 from memoryllm_vllm.store import MemoryStore  # noqa: E402
 from modeling_memoryllm import default  # noqa: E402
 from modeling_memoryllm.export import export_reading_model  # noqa: E402
-from tests.vllm_support import chat_ids, package_greedy, squad_contexts  # noqa: E402
+from tests.vllm_support import chat_ids, package_greedy, reply_tokens, squad_contexts  # noqa: E402
 
 
 TOKENS = 12
@@ -43,11 +43,6 @@ def served(tmp_path_factory):
     options = ["--enforce-eager", "--gpu-memory-utilization", "0.1", "--max-num-seqs", "8"]
     with ServerProcess(folder / "reading", folder / "store", extra=options, log_path=folder / "server.log") as server:
         yield server, service, model
-
-
-def reply_tokens(reply: dict) -> tuple[list[int], list[float]]:
-    choice = reply["choices"][0]
-    return choice["token_ids"], [item["logprob"] for item in choice["logprobs"]["content"]]
 
 
 def ask(server, name, messages=QUESTION, **options):
