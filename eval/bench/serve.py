@@ -208,15 +208,18 @@ def ratios(level: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- parity, footprint
-def default_parity(server, service, model, users: list[User]) -> dict:
+def default_parity(server, service, model, users: list[User], questions_all: bool = False) -> dict:
     """Chat completions reading each user's memory against the package's `generate` (greedy, logprobs)."""
     from memoryllm_vllm.parity import compare
 
     rows = []
     for user in users:
-        messages = memory_messages(user, 0)
-        reply = server.chat(user.name, messages, max_tokens=NEW_TOKENS, logprobs=True, return_token_ids=True)
-        rows.append({"user": user.name, **compare(reply, model, service.state(user.name), messages, NEW_TOKENS)})
+        rows_of = service.store.manifest(user.name).rows
+        for idx in range(len(user.questions) if questions_all else 1):
+            messages = memory_messages(user, idx)
+            reply = server.chat(user.name, messages, max_tokens=NEW_TOKENS, logprobs=True, return_token_ids=True)
+            result = compare(reply, model, service.state(user.name), messages, NEW_TOKENS)
+            rows.append({"user": user.name, "memory_rows": rows_of, **result})
     return {
         "requests": rows,
         "all_tokens_equal": all(r["tokens_equal"] for r in rows),
@@ -308,7 +311,7 @@ def prepare(args, work: pathlib.Path):
     start = time.perf_counter()
     for user in users:
         service.inject(user.name, user.context, generator=torch.Generator().manual_seed(0))
-    return model, service, users, (time.perf_counter() - start) / len(users)
+    return model, service, users, (time.perf_counter() - start) / max(1, len(users))
 
 
 def run(args) -> dict:
@@ -403,6 +406,7 @@ def parse_args(argv):
     parser.add_argument("--vllm-cores", default="0", help="VLLM_CPU_OMP_THREADS_BIND of the server (default: core 0)")
     parser.add_argument("--package-batch", type=int, default=PACKAGE_BATCH, help="users per package batch")
     parser.add_argument("--no-golden", dest="golden", action="store_false", help="skip the golden A parity check")
+    parser.add_argument("--parity-only", action="store_true", help="only the parity checks (serve_parity.json)")
     parser.add_argument("--replot", action="store_true", help="redraw serve.png from serve.json in --out")
     args = parser.parse_args(argv)
     args.levels = [int(n) for n in args.levels.split(",")]
@@ -413,8 +417,36 @@ def parse_args(argv):
     return args
 
 
+def parity_run(args) -> dict:
+    """Parity only: the bundled passage (a partly written memory, 308 of 2,049 rows) and a full memory (the passage
+    and 14 SQuAD paragraphs), three questions each, through `vllm serve`; and golden A through offline vLLM."""
+    from memoryllm_vllm.server import ServerProcess
+    from modeling_memoryllm.default import PASSAGE
+
+    torch.set_num_threads(args.threads)
+    work = pathlib.Path(args.work or tempfile.mkdtemp(prefix="memoryllm-serve-parity-"))
+    args.levels = [0]
+    model, service, _, _ = prepare(args, work)
+    squad = squad_users(args.data_dir, 14)
+    questions = ["Who built the lighthouse on Varden Island?", "Who was the first keeper?", "What is in the museum?"]
+    users = [User("passage", PASSAGE.read_text(), questions), User("full", PASSAGE.read_text(), questions)]
+    service.inject("passage", users[0].context, generator=torch.Generator().manual_seed(0))
+    full = [users[1].context, *(u.context for u in squad)]
+    service.inject("full", full, generator=torch.Generator().manual_seed(0))
+    options = ["--enforce-eager", "--gpu-memory-utilization", "0.1"]
+    with ServerProcess(work / "reading", work / "store", extra=options, log_path=work / "server.log") as server:
+        default = default_parity(server, service, model, users, questions_all=True)
+    return {"command": "python -m eval.bench.serve " + " ".join(sys.argv[1:]), "vllm": _vllm_version(),
+            "default": default, "golden_A": golden_parity(work)}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.parity_only:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "serve_parity.json").write_text(json.dumps(parity_run(args), indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {args.out / 'serve_parity.json'}")
+        return 0
     if not args.replot:
         args.out.mkdir(parents=True, exist_ok=True)
         result = run(args)
