@@ -86,8 +86,9 @@ def check_state(state, config) -> None:
         raise ValueError(f"A memory of shape {tuple(state.memory.shape)} does not fit this model {expected}.")
 
 
-def batch_states(memory, own_state, batch_size: int, config) -> list[MemoryState]:
-    """One state for the whole batch, or one per row (default: `own_state`); all initialised or all not."""
+def batch_states(memory, own_state, batch_size: int, config, mixed: bool = False) -> list[MemoryState]:
+    """One state for the whole batch, or one per row (default: `own_state`); all initialised or all not, unless
+    `mixed` (reading: a memory that is not read gets a prefix that attention never sees)."""
     if memory is None:
         states = [own_state]
     elif isinstance(memory, MemoryState):
@@ -100,7 +101,7 @@ def batch_states(memory, own_state, batch_size: int, config) -> list[MemoryState
         raise ValueError(f"memory must be a MemoryState or a list of them, got {type(memory).__name__}.")
     for state in states:
         check_state(state, config)
-    if len({s.initialized for s in states}) > 1:
+    if not mixed and len({s.initialized for s in states}) > 1:
         raise ValueError("Memory states in one batch must be all initialised or all uninitialised.")
     return states
 
