@@ -23,6 +23,7 @@ from transformers.models.llama.modeling_llama import LlamaForCausalLM, LlamaMode
 from .backbone import from_backbone
 from .cache_memoryllm import cache_with_prefix, checkpointed, prefix_of, prefixed_mask, text_positions
 from .configuration_memoryllm import MemoryLLMConfig
+from .export_memoryllm import memory_prefix, merged_reading_model
 from .generation_memoryllm import MemoryGenerationMixin
 from .injection import inject_chunks, injection_pass
 from .lora import LoraLinear, active_adapter
@@ -40,6 +41,7 @@ REMOTE_CODE_FILES = (
     "memory_state.py",
     "cache_memoryllm.py",
     "generation_memoryllm.py",
+    "export_memoryllm.py",
     "variants.py",
     "variant_memoryllm7b.py",
     "variant_mplus.py",
@@ -324,8 +326,17 @@ class MemoryLLMForCausalLM(MemoryGenerationMixin, MemoryLLMPreTrainedModel, Llam
     def _tokenize(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    # ------------------------------------------------------------------------------------------ backbones, saving
+    # ---------------------------------------------------------------------------------- backbones, saving, export
     from_backbone = classmethod(from_backbone)
+
+    def merged_reading_model(self):
+        """A plain `LlamaForCausalLM`: these weights with the reading adapter merged in (see `export_memoryllm.py`)."""
+        return merged_reading_model(self)
+
+    def memory_prefix(self, memory: MemoryState | None = None):
+        """The keys/values and written rows that `memory` (default: the model's own) puts in front of every query,
+        for `merged_reading_model()` to read (a `MemoryPrefix`)."""
+        return memory_prefix(self, memory if memory is not None else self.memory_state)
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
         """`PreTrainedModel.save_pretrained`, plus the remote-code files and an `auto_map` for `trust_remote_code`."""
