@@ -417,11 +417,18 @@ def cache_with_prefix(model, cache: Cache | None, states, batch_size: int, atten
     return cache, cache.prefix_length
 
 
-def checkpointed(model) -> bool:
+def checkpointed(model, states=()) -> bool:
     """Whether the decoder layers run under gradient checkpointing now (training, with gradients): each layer then
-    runs twice, so the caches they see must be read-only."""
+    runs twice, so the caches they see must be read-only. Reading `states` whose rows carry a graph (`injected`)
+    needs the non-reentrant checkpoint: the reentrant one runs a backward per layer through the shared graph."""
     layers = model.model.layers
-    return bool(layers[0].gradient_checkpointing and model.training and torch.is_grad_enabled())
+    active = bool(layers[0].gradient_checkpointing and model.training and torch.is_grad_enabled())
+    if active and getattr(model, "_reentrant_checkpointing", False) and any(s.memory.requires_grad for s in states):
+        raise ValueError(
+            "A gradient through an injected memory needs non-reentrant gradient checkpointing: enable it with "
+            "gradient_checkpointing_kwargs={'use_reentrant': False} (transformers' default)."
+        )
+    return active
 
 
 def check_cache_fits(model, cache: Cache, prefix_rows: int, text_rows: int) -> None:

@@ -21,6 +21,22 @@ def active_adapter(name: str | None) -> Iterator[None]:
         _ACTIVE_ADAPTER.reset(token)
 
 
+def keeping_adapter(checkpoint_function):
+    """`checkpoint_function` (gradient checkpointing) that runs a layer under the adapter active when it was first
+    called, also when the backward pass runs it again (outside the `active_adapter` block that chose it)."""
+
+    def checkpointed(function, *args, **kwargs):
+        name = _ACTIVE_ADAPTER.get()
+
+        def under_adapter(*inner_args, **inner_kwargs):
+            with active_adapter(name):
+                return function(*inner_args, **inner_kwargs)
+
+        return checkpoint_function(under_adapter, *args, **kwargs)
+
+    return checkpointed
+
+
 class LoraLinear(nn.Module):
     """
     A linear layer with named LoRA adapters, in PEFT's state-dict layout (`base_layer`, `lora_A.<name>`,
@@ -75,4 +91,4 @@ class LoraLinear(nn.Module):
         return output
 
 
-__all__ = ["LoraLinear", "active_adapter"]
+__all__ = ["LoraLinear", "active_adapter", "keeping_adapter"]

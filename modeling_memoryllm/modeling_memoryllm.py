@@ -17,6 +17,7 @@ import shutil
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoTokenizer, initialization
 from transformers.models.llama.modeling_llama import LlamaForCausalLM, LlamaModel, LlamaPreTrainedModel
 
@@ -26,7 +27,7 @@ from .configuration_memoryllm import MemoryLLMConfig
 from .export_memoryllm import memory_prefix, merged_reading_model
 from .generation_memoryllm import MemoryGenerationMixin
 from .injection import inject_chunks, injection_pass
-from .lora import LoraLinear, active_adapter
+from .lora import LoraLinear, active_adapter, keeping_adapter
 from .memory_state import EMPTY_ROWS, MemoryState
 from .validation import batch_states, check_input_ids, chunked, injection_states, token_lists
 from .variants import get_variant
@@ -74,6 +75,11 @@ class MemoryLLMPreTrainedModel(LlamaPreTrainedModel):
             if module.bos_embedding is not None:
                 initialization.normal_(module.bos_embedding, mean=0.0, std=std)
             initialization.zeros_(module.initialized)
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=checkpoint, **kwargs):
+        """transformers' switch, with a checkpoint function that recomputes a layer under the adapter it ran with."""
+        self._reentrant_checkpointing = bool(getattr(gradient_checkpointing_func, "keywords", {}).get("use_reentrant"))
+        super()._set_gradient_checkpointing(enable, keeping_adapter(gradient_checkpointing_func), **kwargs)
 
 
 class MemoryLLMModel(MemoryLLMPreTrainedModel, LlamaModel):
@@ -218,7 +224,7 @@ class MemoryLLMForCausalLM(MemoryGenerationMixin, MemoryLLMPreTrainedModel, Llam
         tokens = input_ids if input_ids is not None else inputs_embeds
         batch_size, query_length = tokens.shape[:2]
         states = batch_states(memory, self.memory_state, batch_size, self.config, mixed=True)
-        read_only = checkpointed(self)
+        read_only = checkpointed(self, states)
         with active_adapter(self.config.generation_adapter):
             cache, prefix_length = cache_with_prefix(self, cache, states, batch_size, attention_mask, read_only)
             past_length = cache.physical_length()
