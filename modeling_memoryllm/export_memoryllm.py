@@ -75,8 +75,10 @@ def _merged_state_dict(model, llama: LlamaForCausalLM) -> dict[str, torch.Tensor
     return merged
 
 
-def memory_prefix(model, state) -> MemoryPrefix:
-    """The prefix keys/values that `state` puts in front of every query (a copy), and its written rows."""
+def memory_prefix(model, state=None) -> MemoryPrefix:
+    """The prefix keys/values that `state` (default: the model's own memory) puts in front of every query (a copy),
+    and its written rows."""
+    state = state if state is not None else model.memory_state
     if model.variant.prefix_slots(model.config):
         raise ValueError(f"{model.config.memory_variant} retrieves rows per query: its prefix is not fixed.")
     if not model.variant.reads(state):

@@ -29,7 +29,7 @@ from .generation_memoryllm import MemoryGenerationMixin
 from .injection import inject_chunks, injection_pass
 from .lora import LoraLinear, active_adapter, keeping_adapter
 from .memory_state import EMPTY_ROWS, MemoryState
-from .validation import batch_states, check_input_ids, chunked, injection_states, token_lists
+from .validation import batch_states, check_input_ids, check_text_mask, chunked, injection_states, token_lists
 from .variants import get_variant
 
 
@@ -119,6 +119,13 @@ def unwritten_ranges(state: MemoryState) -> list[list[int]] | None:
     return [[edges[i] - 1, edges[i + 1] - 1] for i in range(0, len(edges), 2)]
 
 
+def mark_unwritten(state: MemoryState, ranges: list[list[int]] | None) -> None:
+    """Mark the rows in `ranges` (see `unwritten_ranges`) of an initialised `state` as never written."""
+    if state.initialized:
+        for start, stop in ranges or ():
+            state.provenance[:, start:stop] = EMPTY_ROWS
+
+
 def pop_cache_argument(kwargs: dict):
     """The cache, whichever name it was passed under (`cache` or `past_key_values`)."""
     cache = kwargs.pop("cache", None)
@@ -169,9 +176,8 @@ class MemoryLLMForCausalLM(MemoryGenerationMixin, MemoryLLMPreTrainedModel, Llam
         if state is None or not state.is_bound_to(self.memory, self.initialized):
             fresh = state is None
             state = self.variant.bind_state(self, like=state)
-            if fresh and state.initialized:  # rows never written before `save_pretrained` (see there)
-                for start, stop in getattr(self.config, UNWRITTEN_ROWS, None) or ():
-                    state.provenance[:, start:stop] = EMPTY_ROWS
+            if fresh:  # rows never written before `save_pretrained` (see there)
+                mark_unwritten(state, getattr(self.config, UNWRITTEN_ROWS, None))
             self._own_memory_state = state
         return state
 
@@ -196,8 +202,7 @@ class MemoryLLMForCausalLM(MemoryGenerationMixin, MemoryLLMPreTrainedModel, Llam
         loaded = super().from_pretrained(*args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         for name, param in model.named_parameters():
-            if name in model._frozen_parameters:
-                param.requires_grad_(False)
+            param.requires_grad_(param.requires_grad and name not in model._frozen_parameters)
         return loaded
 
     # ---------------------------------------------------------------------------------------------------- reading
@@ -230,11 +235,7 @@ class MemoryLLMForCausalLM(MemoryGenerationMixin, MemoryLLMPreTrainedModel, Llam
             past_length = cache.physical_length()
             positions = text_positions(attention_mask, past_length, prefix_length, query_length, tokens.device)
             text_length = past_length - prefix_length + query_length
-            if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] != text_length:
-                raise ValueError(
-                    f"attention_mask covers {attention_mask.shape[1]} tokens but the text has {text_length}: the mask "
-                    "covers the text only (past and new tokens), not the memory rows."
-                )
+            check_text_mask(attention_mask, text_length)
             outputs = super().forward(
                 input_ids=input_ids,
                 attention_mask=prefixed_mask(attention_mask, prefix_of(cache), batch_size, text_length),
@@ -335,14 +336,8 @@ class MemoryLLMForCausalLM(MemoryGenerationMixin, MemoryLLMPreTrainedModel, Llam
     # ---------------------------------------------------------------------------------- backbones, saving, export
     from_backbone = classmethod(from_backbone)
 
-    def merged_reading_model(self):
-        """A plain `LlamaForCausalLM`: these weights with the reading adapter merged in (see `export_memoryllm.py`)."""
-        return merged_reading_model(self)
-
-    def memory_prefix(self, memory: MemoryState | None = None):
-        """The keys/values and written rows that `memory` (default: the model's own) puts in front of every query,
-        for `merged_reading_model()` to read (a `MemoryPrefix`)."""
-        return memory_prefix(self, memory if memory is not None else self.memory_state)
+    merged_reading_model = merged_reading_model  # a plain Llama with the reading adapter merged (export_memoryllm.py)
+    memory_prefix = memory_prefix  # the prefix keys/values a memory puts in front of every query, for that Llama
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
         """`PreTrainedModel.save_pretrained`, plus the remote-code files and an `auto_map` for `trust_remote_code`."""

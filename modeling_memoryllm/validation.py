@@ -72,6 +72,15 @@ def check_input_ids(input_ids, vocab_size: int) -> None:
     tensor_token_lists(input_ids, vocab_size)
 
 
+def check_text_mask(attention_mask, text_length: int) -> None:
+    """A 2-D `attention_mask` covers the text only: past and new tokens, not the memory rows."""
+    if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] != text_length:
+        raise ValueError(
+            f"attention_mask covers {attention_mask.shape[1]} tokens but the text has {text_length}: the mask "
+            "covers the text only (past and new tokens), not the memory rows."
+        )
+
+
 def check_state(state, config) -> None:
     """`state` is a memory state of the shape `config` asks for."""
     if not isinstance(state, MemoryState):
@@ -117,4 +126,12 @@ def injection_states(token_chunks: list, states: list[MemoryState], multiple: bo
     return token_chunks if multiple else [[chunk for chunks in token_chunks for chunk in chunks]]
 
 
-__all__ = ["MIN_TRAINED_TOKENS", "batch_states", "check_input_ids", "check_state", "chunked", "token_lists"]
+__all__ = [
+    "MIN_TRAINED_TOKENS",
+    "batch_states",
+    "check_input_ids",
+    "check_state",
+    "check_text_mask",
+    "chunked",
+    "token_lists",
+]
