@@ -396,20 +396,23 @@ def injection_prefix(model, state, rows: slice, spare: int) -> SharedPrefix:
     return SharedPrefix(keys, values, spare=spare, written=model.variant.prefix_written(state, rows))
 
 
-def cache_with_prefix(model, cache: Cache | None, states, batch_size: int, attention_mask=None, read_only=False):
-    """The cache to run with (`cache` adopted, or a new `MemoryPrefixCache`), holding the memory prefix when any
-    memory is read; and the prefix length. A variant that retrieves per query (M+) gets a `MemoryPrefixCache` whose
-    `retrieval` fills its slots layer by layer. `read_only` (gradient checkpointing): a new cache that stores
-    nothing after the prefix; a cache holding rows cannot be continued then."""
+def cache_with_prefix(
+    model, cache: Cache | None, states, batch_size: int, attention_mask=None, read_only=False, use_cache=True
+):
+    """The cache to run with (`cache` adopted, or a new `MemoryPrefixCache`; `None` when no cache is asked for and no
+    memory is read), holding the memory prefix when any memory is read; and the prefix length. A variant that
+    retrieves per query (M+) gets a `MemoryPrefixCache` whose `retrieval` fills its slots layer by layer.
+    `read_only` (gradient checkpointing): a new cache that stores nothing after the prefix (none without a prefix);
+    a cache holding rows cannot be continued then."""
+    reads = any(model.variant.reads(state) for state in states)
     if read_only:
         if cache is not None and cache.get_seq_length() > 0:
             raise ValueError("Under gradient checkpointing in training a cache cannot be continued: pass no cache.")
-        cache = MemoryPrefixCache(read_only=True)
-    cache = adopt_cache(cache) if cache is not None else MemoryPrefixCache()
-    if cache.physical_length() > 0:  # continuing: the prefix (if any) is already inside
-        return cache, cache.prefix_length
-    if not any(model.variant.reads(state) for state in states):
-        return cache, 0
+        cache = MemoryPrefixCache(read_only=True) if reads else None
+    elif cache is not None or reads or use_cache:
+        cache = adopt_cache(cache) if cache is not None else MemoryPrefixCache()
+    if cache is None or cache.physical_length() > 0 or not reads:  # continuing: the prefix (if any) is inside
+        return cache, prefix_of(cache)[0]
     check_cache_fits(model, cache, model.config.prefix_length, text_rows=0)
     prefixes = [reading_prefix(model, state) for state in states]
     cache.attach_prefix(prefixes, batch_size)
@@ -437,8 +440,8 @@ def check_cache_fits(model, cache: Cache, prefix_rows: int, text_rows: int) -> N
     if model.variant.prefix_slots(model.config) and (type(cache) is not MemoryPrefixCache or cache.offloading):
         raise ValueError(
             f"{model.config.memory_variant} retrieves memory rows per query into the default cache: pass no cache "
-            f"(or a MemoryPrefixCache / DynamicCache()) and no cache_implementation, not a {type(cache).__name__}"
-            f"{' with offloading' if getattr(cache, 'offloading', False) else ''}."
+            "(or an empty DynamicCache / MemoryPrefixCache) and no cache_implementation but 'dynamic'; got a "
+            f"{type(cache).__name__}{' with offloading' if getattr(cache, 'offloading', False) else ''}."
         )
     capacity = cache.get_max_length() if cache.layers else -1
     needed = prefix_rows + text_rows

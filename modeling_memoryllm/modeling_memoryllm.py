@@ -231,8 +231,10 @@ class MemoryLLMForCausalLM(MemoryGenerationMixin, MemoryLLMPreTrainedModel, Llam
         states = batch_states(memory, self.memory_state, batch_size, self.config, mixed=True)
         read_only = checkpointed(self, states)
         with active_adapter(self.config.generation_adapter):
-            cache, prefix_length = cache_with_prefix(self, cache, states, batch_size, attention_mask, read_only)
-            past_length = cache.physical_length()
+            cache, prefix_length = cache_with_prefix(
+                self, cache, states, batch_size, attention_mask, read_only, use_cache is not False
+            )
+            past_length = cache.physical_length() if cache is not None else 0
             positions = text_positions(attention_mask, past_length, prefix_length, query_length, tokens.device)
             text_length = past_length - prefix_length + query_length
             check_text_mask(attention_mask, text_length)
@@ -242,7 +244,7 @@ class MemoryLLMForCausalLM(MemoryGenerationMixin, MemoryLLMPreTrainedModel, Llam
                 position_ids=positions,
                 inputs_embeds=inputs_embeds,
                 labels=labels,
-                use_cache=not read_only,
+                use_cache=cache is not None and not read_only,
                 logits_to_keep=logits_to_keep,
                 **{CACHE_KWARG: cache},
                 **kwargs,

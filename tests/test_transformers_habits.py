@@ -392,9 +392,10 @@ def _loss_and_grads(model, state, checkpointing: bool | None, inject: bool):
 
 
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
-@pytest.mark.parametrize("inject", [False, True], ids=["read", "inject-then-read"])
-def test_gradient_checkpointing_keeps_the_memory(state, inject, reentrant):
-    model = tiny_model()
+@pytest.mark.parametrize("memory", ["read", "inject-then-read", "unread"])
+def test_gradient_checkpointing_keeps_the_memory(state, memory, reentrant):
+    model, inject = tiny_model(), memory == "inject-then-read"
+    state = model.new_memory_state() if memory == "unread" else state
     if inject and reentrant:
         with pytest.raises(ValueError, match="use_reentrant': False"):
             _loss_and_grads(model, state, checkpointing=reentrant, inject=inject)
