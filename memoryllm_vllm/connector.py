@@ -144,7 +144,7 @@ class MemoryLLMConnector(KVConnectorBase_V1):
         version = params.get(VERSION_KEY)
         try:
             manifest = self.store.manifest(name, version)
-        except ValueError as error:  # a bad name
+        except (TypeError, ValueError) as error:  # a bad name or version
             manifest, plan = None, Plan(str(name), -1, 0, str(error))
         else:
             plan = Plan(name, manifest.version if manifest else int(version or -1), manifest.rows if manifest else 0)
@@ -222,8 +222,9 @@ class MemoryLLMConnector(KVConnectorBase_V1):
             index = extract_layer_index(name)
             kv_cache = layer.kv_cache
             slots = slots.to(kv_cache.device)
-            keys = export.keys[index, :, load.start : load.end].transpose(0, 1)  # [n, Hkv, hd]
-            values = export.values[index, :, load.start : load.end].transpose(0, 1)
+            heads = worker_heads(export.keys.shape[1], getattr(layer, "num_kv_heads", export.keys.shape[1]))
+            keys = export.keys[index, heads, load.start : load.end].transpose(0, 1)  # [n, Hkv here, hd]
+            values = export.values[index, heads, load.start : load.end].transpose(0, 1)
             keys = keys.to(device=kv_cache.device, dtype=self.dtype).contiguous()
             values = values.to(device=kv_cache.device, dtype=self.dtype).contiguous()
             layer.impl.do_kv_cache_update(layer, keys, values, kv_cache, slots)
@@ -240,6 +241,18 @@ class MemoryLLMConnector(KVConnectorBase_V1):
     def get_block_ids_with_load_errors(self) -> set[int]:
         failed, self._failed_blocks = self._failed_blocks, set()
         return failed
+
+
+def worker_heads(total: int, here: int) -> slice:
+    """The KV heads this worker holds: all of them, or its tensor-parallel share (replicated when there are fewer
+    heads than ranks, as vLLM does)."""
+    if here >= total:
+        return slice(None)
+    from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
+    rank, ranks = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+    first = rank * total // ranks if ranks * here > total else rank * here
+    return slice(first, first + here)
 
 
 def attention_layers(forward_context) -> dict:

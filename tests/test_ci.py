@@ -41,3 +41,12 @@ def test_pyproject_ships_every_eval_package_as_memoryllm_eval():
     wanted = {".".join(("memoryllm_eval", *folder.parts[1:])) for folder in folders}
     assert wanted <= set(setuptools["packages"]), wanted - set(setuptools["packages"])
     assert "metrics/*/*.py" in setuptools["package-data"]["memoryllm_eval"]
+
+
+def test_ci_installs_the_readme_serving_command_and_runs_the_vllm_tests_at_the_floor():
+    script = (ROOT / ".ci" / "run").read_text()
+    install = re.search(r"README_SERVE_INSTALL='(.*)'", script).group(1)
+    assert install in readme_commands()
+    assert '".[default,vllm]"' in install and "pip uninstall -y torchvision torchaudio torchcodec" in install
+    assert re.search(r'^run_vllm "transformers==5\.17\.0" "huggingface_hub<2"', script, re.MULTILINE)
+    assert "tests/test_vllm_serving.py" in script and "^SKIPPED" in script

@@ -67,3 +67,22 @@ def test_vllm_greedy_equals_generate(engine, name):
             expected, expected_logprobs = package_greedy(model, state, prompt, TOKENS, ignore_eos=True)
             assert tokens == expected, (name, repeat, prompt)
             assert max(abs(a - b) for a, b in zip(logprobs, expected_logprobs)) < 1e-4
+
+
+def test_slots_heads_and_request_checks(monkeypatch):
+    from memoryllm_vllm import connector
+    from memoryllm_vllm.store import Manifest
+
+    assert connector.slot_mapping([5, 9], 126, 130, 128).tolist() == [766, 767, 1152, 1153]
+    assert connector.worker_heads(8, 8) == slice(None)
+    for rank, ranks, here, expected in ((1, 2, 4, slice(4, 8)), (5, 8, 1, slice(1, 2)), (3, 8, 1, slice(0, 1))):
+        monkeypatch.setattr("vllm.distributed.get_tensor_model_parallel_rank", lambda rank=rank: rank)
+        monkeypatch.setattr("vllm.distributed.get_tensor_model_parallel_world_size", lambda ranks=ranks: ranks)
+        assert connector.worker_heads(8 if here == 4 else 2, here) == expected
+    manifest = Manifest("m", 2, 3, 9, "f" * 64, "kv-2.safetensors", 0, 1)
+    plan = connector.Plan("m", 2, 3)
+    assert connector.check_request(manifest, plan, [0, 0, 0, 7, 8], manifest.salt, 0) is None
+    assert "cache_salt" in connector.check_request(manifest, plan, [0, 0, 0, 7], None, 0)
+    assert "open with 3 placeholder" in connector.check_request(manifest, plan, [0, 0, 7, 8], manifest.salt, 0)
+    assert "more than 3" in connector.check_request(manifest, plan, [0, 0, 0, 0, 8], manifest.salt, 0)
+    assert "not in the store" in connector.check_request(None, plan, [0, 0, 0, 7], manifest.salt, 0)
