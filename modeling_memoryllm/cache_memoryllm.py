@@ -189,18 +189,21 @@ def _private_buffers(rows: list[tuple[torch.Tensor, torch.Tensor]], batch_size: 
 
 
 # ----------------------------------------------------------------------------------------- computing prefixes
-def layer_key_values(layer, rows: torch.Tensor, rotary_emb, start: int = 0):
+def layer_key_values(layer, rows: torch.Tensor, rotary_emb=None, start: int = 0, position_embeddings=None):
     """
-    Keys and values that decoder `layer` caches for prefix `rows` `[B, P, d]` at positions `start..start+P-1`:
-    input norm, k/v projections (active adapter), RoPE on the keys. Returns two `[B, Hkv, P, hd]` tensors.
+    Keys and values that decoder `layer` caches for prefix `rows` `[B, P, d]` at positions `start..start+P-1` (or
+    with the given `position_embeddings` `(cos, sin)`, each `[B or 1, P, hd]`): input norm, k/v projections (active
+    adapter), RoPE on the keys. Returns two `[B, Hkv, P, hd]` tensors.
     """
     attention = layer.self_attn
     hidden = layer.input_layernorm(rows)
     shape = (*rows.shape[:2], -1, attention.head_dim)
     keys = attention.k_proj(hidden).view(shape).transpose(1, 2)
     values = attention.v_proj(hidden).view(shape).transpose(1, 2)
-    positions = torch.arange(start, start + rows.shape[1], device=rows.device).unsqueeze(0)
-    cos, sin = rotary_emb(hidden, positions)  # [1, P, hd]
+    if position_embeddings is None:
+        positions = torch.arange(start, start + rows.shape[1], device=rows.device).unsqueeze(0)
+        position_embeddings = rotary_emb(hidden, positions)  # [1, P, hd]
+    cos, sin = position_embeddings
     keys = keys * cos.unsqueeze(1) + rotate_half(keys) * sin.unsqueeze(1)
     return keys, values
 
