@@ -20,6 +20,7 @@ from torch import nn
 from transformers import AutoTokenizer, initialization
 from transformers.models.llama.modeling_llama import LlamaForCausalLM, LlamaModel, LlamaPreTrainedModel
 
+from .attention_memoryllm import use_prefix_attention
 from .backbone import from_backbone
 from .cache_memoryllm import MemoryPrefixCache, cache_with_prefix, prefix_of, prefixed_mask, text_positions
 from .configuration_memoryllm import MemoryLLMConfig
@@ -50,6 +51,7 @@ REMOTE_CODE_FILES = (
     "variant_mplus.py",
     "memory_state_mplus.py",
     "injection.py",
+    "attention_memoryllm.py",
     "validation.py",
     "backbone.py",
     "lora.py",
@@ -86,6 +88,7 @@ class MemoryLLMModel(MemoryLLMPreTrainedModel, LlamaModel):
 
     def __init__(self, config: MemoryLLMConfig):
         super().__init__(config)
+        use_prefix_attention(self)
         if config.lora_config is not None:
             self._add_lora(config)
             self.post_init()

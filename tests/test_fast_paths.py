@@ -100,3 +100,29 @@ def test_the_last_layer_computes_only_the_rows_it_writes(variant, backend):
         assert_close(model.compute_delta(ids, attention_mask=attention_mask), full, tol=1e-5)
     written = 0 if variant == "training-free" else model.config.num_tokens
     assert seen == ([12, 12] if written == 0 else [12, written, 12, written])
+
+
+@pytest.mark.parametrize("query_length", [1, 5])
+def test_grouped_query_sdpa_with_a_mask_equals_the_expanded_heads(query_length):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from modeling_memoryllm.attention_memoryllm import prefix_sdpa_attention
+
+    module = tiny_model().model.layers[0].self_attn  # 4 query heads on 2 key/value heads
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(2, 4, query_length, 8, generator=generator)
+    key, value = (torch.randn(2, 2, 9, 8, generator=generator) for _ in range(2))
+    mask = torch.rand(2, 1, query_length, 9, generator=generator) > 0.3
+    mask[..., 0] = True
+    expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=module.scaling)
+    actual, _ = prefix_sdpa_attention(module, query, key, value, mask, scaling=module.scaling)
+    assert_close(actual, expected, tol=1e-6)
+
+
+def test_attention_modules_follow_the_models_attention_implementation():
+    model = tiny_model()
+    attention = model.model.layers[1].self_attn
+    assert attention.config._attn_implementation == "memoryllm_sdpa"
+    assert attention.config.num_key_value_heads == model.config.num_key_value_heads
+    model.config._attn_implementation = "eager"
+    assert attention.config._attn_implementation == "eager"

@@ -1,0 +1,73 @@
+"""
+Attention over the memory prefix: transformers' sdpa, but with grouped-query attention where a mask allows it.
+
+A query behind the prefix always needs a mask (its keys start P rows before it), and with a mask transformers'
+sdpa expands the key/value heads to the query heads (`repeat_kv`), since its CUDA kernels would otherwise fall back
+to the math kernel. On the CPU every sdpa kernel runs grouped-query attention with a mask, so there the expansion, a
+copy of the whole prefix per layer and call (about 9 MB per layer for the default's 2,049 rows), is skipped.
+
+The decoder layers' attention modules look their function up by `config._attn_implementation`; each MemoryLLM
+attention module gets a view of the model's config (`PrefixAttentionConfig`) that names `memoryllm_sdpa` where the
+model's config names `sdpa`, and everything else from the model's config as it is now.
+"""
+
+import torch
+from torch.nn import functional as F
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.modeling_utils import AttentionInterface
+
+
+PREFIX_SDPA = "memoryllm_sdpa"
+# `enable_gqa` came with torch 2.5.
+GQA_AVAILABLE = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+def prefix_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """`sdpa_attention_forward`, except on the CPU with a mask and grouped heads: one grouped-query sdpa call on the
+    key/value heads as they are. Returns `[B, q, H, hd]` and no weights, as transformers' function does."""
+    grouped = getattr(module, "num_key_value_groups", 1) > 1
+    plain = kwargs.get("position_bias") is None and kwargs.get("softcap") is None
+    if not (grouped and plain and GQA_AVAILABLE and attention_mask is not None and query.device.type == "cpu"):
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    output = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, enable_gqa=True
+    )
+    return output.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(PREFIX_SDPA, prefix_sdpa_attention)
+
+
+class PrefixAttentionConfig:
+    """What an attention module reads of the model's config: the config itself, live, except that `sdpa` reads as
+    `memoryllm_sdpa` (so changing the model's attention implementation reaches the layers as before)."""
+
+    def __init__(self, config):
+        object.__setattr__(self, "_config", config)
+
+    @property
+    def _attn_implementation(self):
+        implementation = self._config._attn_implementation
+        return PREFIX_SDPA if implementation == "sdpa" else implementation
+
+    def __getattr__(self, name: str):
+        if name == "_config" or name.startswith("__"):  # not set yet (copy, pickle): no attribute of the config
+            raise AttributeError(name)
+        return getattr(self._config, name)
+
+    def __setattr__(self, name: str, value) -> None:
+        setattr(self._config, name, value)
+
+    def __repr__(self) -> str:
+        return f"PrefixAttentionConfig({self._config.__class__.__name__})"
+
+
+def use_prefix_attention(model) -> None:
+    """Route the sdpa attention of every decoder layer of `model` (a `LlamaModel`) through `prefix_sdpa_attention`."""
+    for layer in model.layers:
+        layer.self_attn.config = PrefixAttentionConfig(model.config)
+
+
+__all__ = ["PREFIX_SDPA", "PrefixAttentionConfig", "prefix_sdpa_attention", "use_prefix_attention"]
