@@ -54,6 +54,10 @@ class SharedPrefix:
         """The prefix rows of layer `idx`: keys and values `[1, Hkv, P, hd]`."""
         return self.key_buffers[idx][:, :, : self.length], self.value_buffers[idx][:, :, : self.length]
 
+    def replace_layer(self, idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Use larger buffers for layer `idx` (grown by the leasing cache; they start with the same prefix rows)."""
+        self.key_buffers[idx], self.value_buffers[idx] = keys, values
+
 
 def _with_spare(rows: torch.Tensor, spare: int) -> torch.Tensor:
     buffer = rows.new_empty(*rows.shape[:2], rows.shape[2] + spare, rows.shape[3])
@@ -69,11 +73,14 @@ class PrefixLayer(DynamicLayer):
         self._key_buffer: torch.Tensor | None = None  # [B, Hkv, capacity, hd]
         self._value_buffer: torch.Tensor | None = None
         self._length = 0
+        self._owner: tuple[SharedPrefix, int] | None = None  # the leased prefix and layer whose buffers these are
 
-    def attach(self, key_buffer: torch.Tensor, value_buffer: torch.Tensor, length: int) -> None:
-        """Use these buffers; their first `length` rows are already filled."""
+    def attach(self, key_buffer: torch.Tensor, value_buffer: torch.Tensor, length: int, owner=None) -> None:
+        """Use these buffers; their first `length` rows are already filled. `owner`: `(prefix, layer)` when they are
+        a leased `SharedPrefix`'s, which then keeps the larger buffers if they have to grow."""
         self.dtype, self.device = key_buffer.dtype, key_buffer.device
         self._key_buffer, self._value_buffer, self._length = key_buffer, value_buffer, length
+        self._owner = owner
         self.is_initialized = True
         self._refresh()
 
@@ -86,13 +93,18 @@ class PrefixLayer(DynamicLayer):
         self.attach(empty, value_states.new_empty(*value_states.shape[:2], 0, value_states.shape[3]), 0)
 
     def _grow(self, needed: int, batch_size: int) -> None:
-        """Move to private buffers of at least `needed` rows (the only copy of the cached rows)."""
-        capacity = max(needed + SPARE_ROWS, 2 * self._key_buffer.shape[2])
-        shape = (batch_size, self._key_buffer.shape[1], capacity, self._key_buffer.shape[3])
+        """Move to buffers of at least `needed` rows (one copy of the cached rows): `SPARE_ROWS` more, so a long
+        prefix is not doubled (the 8B's 12,801 rows). Leased buffers of the same batch size stay the prefix's own
+        (it keeps the larger ones and frees the old); others become private."""
+        owner = self._owner if batch_size == self._key_buffer.shape[0] else None
+        shape = (batch_size, self._key_buffer.shape[1], needed + SPARE_ROWS, self._key_buffer.shape[3])
         keys, values = self._key_buffer.new_empty(shape), self._value_buffer.new_empty(shape)
         keys[:, :, : self._length] = self.keys
         values[:, :, : self._length] = self.values
-        self._key_buffer, self._value_buffer = keys, values
+        self._key_buffer, self._value_buffer, self._owner = keys, values, owner
+        self._refresh()
+        if owner is not None:
+            owner[0].replace_layer(owner[1], keys, values)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -108,6 +120,7 @@ class PrefixLayer(DynamicLayer):
 
     def _adopt(self) -> None:
         """After a parent method replaced `keys`/`values` with new tensors, make them the buffers."""
+        self._owner = None
         if self.keys is None:
             self._key_buffer = self._value_buffer = None
             self._length = 0
@@ -165,7 +178,8 @@ class MemoryPrefixCache(DynamicCache):
         for idx in range(len(prefixes[0].key_buffers)):
             layer = PrefixLayer()
             if leased:
-                layer.attach(prefixes[0].key_buffers[idx], prefixes[0].value_buffers[idx], prefixes[0].length)
+                buffers = prefixes[0].key_buffers[idx], prefixes[0].value_buffers[idx]
+                layer.attach(*buffers, prefixes[0].length, owner=(prefixes[0], idx))
             else:
                 layer.attach(*_private_buffers([p.layer(idx) for p in prefixes], batch_size), prefixes[0].length)
             self.layers.append(layer)

@@ -126,3 +126,24 @@ def test_attention_modules_follow_the_models_attention_implementation():
     assert attention.config.num_key_value_heads == model.config.num_key_value_heads
     model.config._attn_implementation = "eager"
     assert attention.config._attn_implementation == "eager"
+
+
+@torch.no_grad()
+def test_a_query_longer_than_the_spare_rows_grows_the_leased_prefix_in_place():
+    from modeling_memoryllm.cache_memoryllm import SPARE_ROWS, MemoryPrefixCache
+
+    model = tiny_model()
+    state = model.memory_state.clone()
+    query = torch.randint(3, 90, (1, SPARE_ROWS + 40), generator=torch.Generator().manual_seed(0))
+    model(query[:, :4], memory=state)  # computes and caches the prefix (SPARE_ROWS spare rows)
+    prefix = state.prefix
+    cache = MemoryPrefixCache()
+    logits = model(query, memory=state, **{model.cache_kwarg: cache}).logits
+    assert state.prefix is prefix and cache.layers[0].keys.data_ptr() == prefix.key_buffers[0].data_ptr()
+    assert prefix.key_buffers[0].shape[2] == prefix.length + query.shape[1] + SPARE_ROWS  # grown once, not doubled
+    step = model(query[:, -1:], memory=state, **{model.cache_kwarg: cache}).logits  # decoding goes on in place
+    del cache
+    state.mark_changed()
+    expected = model(torch.cat([query, query[:, -1:]], dim=1), memory=state).logits
+    assert_close(logits, expected[:, :-1], tol=1e-5)
+    assert_close(step[:, -1], expected[:, -1], tol=1e-5)
