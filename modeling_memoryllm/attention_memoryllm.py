@@ -4,7 +4,8 @@ Attention over the memory prefix: transformers' sdpa, but with grouped-query att
 A query behind the prefix always needs a mask (its keys start P rows before it), and with a mask transformers'
 sdpa expands the key/value heads to the query heads (`repeat_kv`), since its CUDA kernels would otherwise fall back
 to the math kernel. On the CPU every sdpa kernel runs grouped-query attention with a mask, so there the expansion, a
-copy of the whole prefix per layer and call (about 9 MB per layer for the default's 2,049 rows), is skipped.
+copy of the whole prefix per layer and call (about 9 MB per layer for the default's 2,049 rows), is skipped; and a
+decode step, which reads the prefix once, runs as two matrix products per key/value head.
 
 The decoder layers' attention modules look their function up by `config._attn_implementation`; each MemoryLLM
 attention module gets a view of the model's config (`PrefixAttentionConfig`) that names `memoryllm_sdpa` where the
@@ -23,18 +24,36 @@ GQA_AVAILABLE = tuple(int(part) for part in torch.__version__.split(".")[:2]) >=
 
 
 def prefix_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
-    """`sdpa_attention_forward`, except on the CPU with a mask and grouped heads: one grouped-query sdpa call on the
-    key/value heads as they are. Returns `[B, q, H, hd]` and no weights, as transformers' function does."""
+    """`sdpa_attention_forward`, except on the CPU with grouped heads: a decode step (one query) as two matrix
+    products on the key/value heads as they are, and a longer query with a mask as one grouped-query sdpa call.
+    Returns `[B, q, H, hd]` and no weights, as transformers' function does."""
     grouped = getattr(module, "num_key_value_groups", 1) > 1
-    plain = kwargs.get("position_bias") is None and kwargs.get("softcap") is None
+    plain = kwargs.get("position_bias") is None and kwargs.get("softcap") is None and not (module.training and dropout)
+    shared_mask = attention_mask is None or attention_mask.shape[1] == 1  # one mask for all heads
+    if grouped and plain and shared_mask and query.device.type == "cpu" and query.shape[2] == 1:
+        return decode_attention(query, key, value, attention_mask, scaling), None
     if not (grouped and plain and GQA_AVAILABLE and attention_mask is not None and query.device.type == "cpu"):
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    output = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, enable_gqa=True
-    )
+    output = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=True)
     return output.transpose(1, 2).contiguous(), None
+
+
+def decode_attention(query, key, value, attention_mask, scaling) -> torch.Tensor:
+    """One query row per head `[B, H, 1, hd]` over keys/values `[B, Hkv, S, hd]`: the query heads of a group are the
+    rows of one matrix product with their key/value head, so each key and value row is read once (a decode step at
+    batch 1 is bound by reading them). Returns `[B, 1, H, hd]`."""
+    batch, heads, _, head_dim = query.shape
+    groups = key.shape[1]
+    scale = head_dim**-0.5 if scaling is None else scaling
+    rows = query.reshape(batch, groups, heads // groups, head_dim) * scale
+    scores = torch.matmul(rows, key.transpose(-1, -2))  # [B, Hkv, H / Hkv, S]
+    if attention_mask is not None:  # [B or 1, 1, 1, S]: one row shared by the heads
+        bool_mask = attention_mask.dtype == torch.bool
+        scores = scores.masked_fill(~attention_mask, float("-inf")) if bool_mask else scores + attention_mask
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
+    return torch.matmul(weights, value).reshape(batch, 1, heads, head_dim)
 
 
 AttentionInterface.register(PREFIX_SDPA, prefix_sdpa_attention)

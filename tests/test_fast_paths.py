@@ -103,7 +103,8 @@ def test_the_last_layer_computes_only_the_rows_it_writes(variant, backend):
 
 
 @pytest.mark.parametrize("query_length", [1, 5])
-def test_grouped_query_sdpa_with_a_mask_equals_the_expanded_heads(query_length):
+@pytest.mark.parametrize("masked", [True, False])
+def test_grouped_query_attention_equals_the_expanded_heads(query_length, masked):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     from modeling_memoryllm.attention_memoryllm import prefix_sdpa_attention
@@ -114,6 +115,7 @@ def test_grouped_query_sdpa_with_a_mask_equals_the_expanded_heads(query_length):
     key, value = (torch.randn(2, 2, 9, 8, generator=generator) for _ in range(2))
     mask = torch.rand(2, 1, query_length, 9, generator=generator) > 0.3
     mask[..., 0] = True
+    mask = mask if masked else None
     expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=module.scaling)
     actual, _ = prefix_sdpa_attention(module, query, key, value, mask, scaling=module.scaling)
     assert_close(actual, expected, tol=1e-6)
