@@ -39,8 +39,8 @@ class SharedPrefix:
     ):
         self.key: tuple | None = None  # set when cached on a memory state (`MemoryState.keep_prefix`)
         self.length = keys[0].shape[-2]  # P
-        self.written = written  # [P] bool: prefix rows that may be attended to; None: all of them
-        self.key_buffers = [_with_spare(k, spare) for k in keys]  # each [1, Hkv, P + spare, hd]
+        self.written = written  # [P] (or [B, P]) bool: prefix rows that may be attended to; None: all of them
+        self.key_buffers = [_with_spare(k, spare) for k in keys]  # each [1 (or B), Hkv, P + spare, hd]
         self.value_buffers = [_with_spare(v, spare) for v in values]
         self._lease = threading.Lock()
 
@@ -173,7 +173,8 @@ class MemoryPrefixCache(DynamicCache):
 
     def attach_prefix(self, prefixes: list[SharedPrefix], batch_size: int) -> None:
         """Start every layer with the prefix of `prefixes[i]` in batch row `i` (one prefix: every row)."""
-        leased = len(prefixes) == 1 and batch_size == 1 and prefixes[0].try_lease(self)
+        rows = prefixes[0].key_buffers[0].shape[0]  # 1, or one per batch row (an injection's batched prefix)
+        leased = len(prefixes) == 1 and batch_size == rows and prefixes[0].try_lease(self)
         self.layers = []
         for idx in range(len(prefixes[0].key_buffers)):
             layer = PrefixLayer()
@@ -192,7 +193,7 @@ def written_mask(prefixes: list[SharedPrefix], batch_size: int) -> torch.Tensor 
     if all(p.written is None for p in prefixes):
         return None
     rows = [p.written if p.written is not None else torch.ones(p.length, dtype=torch.bool) for p in prefixes]
-    return torch.stack(rows).expand(batch_size, -1)
+    return torch.cat([row.view(-1, row.shape[-1]) for row in rows]).expand(batch_size, -1)
 
 
 def _private_buffers(rows: list[tuple[torch.Tensor, torch.Tensor]], batch_size: int):
@@ -222,19 +223,24 @@ def layer_key_values(layer, rows: torch.Tensor, rotary_emb=None, start: int = 0,
     return keys, values
 
 
-def prefix_key_values(model, memory: torch.Tensor, rows: slice, adapter: str | None, slots: int = 0):
-    """Per layer, keys/values `[1, Hkv, P, hd]` of `[bos_l, slots, memory[l, rows]]` at positions `0..P-1`; the
-    `slots` rows (M+'s retrieved rows, filled per query) start as zeros."""
+def prefix_key_values(model, memory, rows: slice, adapter: str | None, slots: int = 0):
+    """Per layer, keys/values `[B, Hkv, P, hd]` of `[bos_l, slots, memory[l, rows]]` at positions `0..P-1`; the
+    `slots` rows (M+'s retrieved rows, filled per query) start as zeros. `memory`: one `[L, M, d]` (`B = 1`) or a
+    list of them (one prefix per batch row, computed in one pass)."""
+    memories = list(memory) if isinstance(memory, (list, tuple)) else [memory]
     keys, values = [], []
     with active_adapter(adapter):
         for idx, layer in enumerate(model.model.layers):
             weight = layer.input_layernorm.weight
-            prefix = memory[idx, rows].to(device=weight.device, dtype=weight.dtype)  # [R, d]
+            parts = [m[idx, rows].to(device=weight.device, dtype=weight.dtype) for m in memories]  # each [R, d]
+            prefix = parts[0].unsqueeze(0) if len(parts) == 1 else torch.stack(parts)  # [B, R, d]
+            batch, hidden = prefix.shape[0], prefix.shape[-1]
             if slots:
-                prefix = torch.cat([prefix.new_zeros(slots, prefix.shape[-1]), prefix])
+                prefix = torch.cat([prefix.new_zeros(batch, slots, hidden), prefix], dim=1)
             if model.bos_embedding is not None:
-                prefix = torch.cat([model.bos_embedding[idx].to(prefix.device, prefix.dtype), prefix])
-            layer_keys, layer_values = layer_key_values(layer, prefix.unsqueeze(0), model.model.rotary_emb)
+                bos = model.bos_embedding[idx].to(prefix.device, prefix.dtype).expand(batch, 1, hidden)
+                prefix = torch.cat([bos, prefix], dim=1)
+            layer_keys, layer_values = layer_key_values(layer, prefix, model.model.rotary_emb)
             keys.append(layer_keys)
             values.append(layer_values)
     return keys, values
@@ -259,10 +265,16 @@ def reading_prefix(model, state) -> SharedPrefix:
     return prefix
 
 
-def injection_prefix(model, state, rows: slice, spare: int) -> SharedPrefix:
-    """The prefix `[bos, memory rows]` that an injection reads, with `spare` rows for the queries."""
-    keys, values = prefix_key_values(model, state.memory, rows, model.config.injection_adapter)
-    return SharedPrefix(keys, values, spare=spare, written=model.variant.prefix_written(state, rows))
+def injection_prefix(model, states, rows: slice, spare: int) -> SharedPrefix:
+    """The prefixes `[bos, memory rows]` that an injection of `states` (one per batch row) reads, computed in one
+    pass, with `spare` rows for the queries; written mask `[B, P]` (or `None`)."""
+    keys, values = prefix_key_values(model, [state.memory for state in states], rows, model.config.injection_adapter)
+    masks = [model.variant.prefix_written(state, rows) for state in states]
+    written = None
+    if any(mask is not None for mask in masks):
+        length = keys[0].shape[2]
+        written = torch.stack([mask if mask is not None else torch.ones(length, dtype=torch.bool) for mask in masks])
+    return SharedPrefix(keys, values, spare=spare, written=written)
 
 
 def cache_with_prefix(model, cache: Cache | None, states, batch_size: int, attention_mask=None):

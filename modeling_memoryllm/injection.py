@@ -83,9 +83,8 @@ def _injection_cache(model, states, plan: InjectionPlan, length: int, batch_size
         return None, (0, None)
     num_tokens, rows = model.config.num_tokens, model.config.memory_rows
     read = slice(rows - num_tokens, rows - plan.memory_queries)
-    prefixes = [injection_prefix(model, state, read, plan.memory_queries + length) for state in states]
     cache = MemoryPrefixCache()
-    cache.attach_prefix(prefixes, batch_size)
+    cache.attach_prefix([injection_prefix(model, states, read, plan.memory_queries + length)], batch_size)
     return cache, (cache.prefix_length, cache.prefix_written)
 
 
