@@ -149,3 +149,18 @@ def test_a_query_longer_than_the_spare_rows_grows_the_leased_prefix_in_place():
     expected = model(torch.cat([query, query[:, -1:]], dim=1), memory=state).logits
     assert_close(logits, expected[:, :-1], tol=1e-5)
     assert_close(step[:, -1], expected[:, -1], tol=1e-5)
+
+
+@torch.no_grad()
+def test_a_long_masked_query_by_chunks_equals_one_call():
+    from modeling_memoryllm.attention_memoryllm import QUERY_CHUNK, causal_chunks_attention
+
+    generator = torch.Generator().manual_seed(0)
+    queries, prefix = 2 * QUERY_CHUNK + 7, 20
+    query = torch.randn(2, 4, queries, 8, generator=generator)
+    key, value = (torch.randn(2, 2, prefix + queries, 8, generator=generator) for _ in range(2))
+    mask = torch.ones(queries, prefix + queries, dtype=torch.bool).tril(prefix).expand(2, 1, -1, -1).clone()
+    mask[0, :, :, 3:9] = False  # never-written prefix rows
+    mask[1, :, :, prefix : prefix + 5] = False  # left padding
+    expected = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, enable_gqa=True)
+    assert_close(causal_chunks_attention(query, key, value, mask, None), expected, tol=1e-6)
