@@ -10,7 +10,14 @@ import torch
 from transformers.masking_utils import create_causal_mask
 from transformers.utils import logging
 
-from .cache_memoryllm import MemoryPrefixCache, injection_prefix, layer_key_values, prefixed_mask, text_positions
+from .cache_memoryllm import (
+    MemoryPrefixCache,
+    checkpointed,
+    injection_prefix,
+    layer_key_values,
+    prefixed_mask,
+    text_positions,
+)
 from .lora import active_adapter
 from .memory_state import MemoryState, MemoryUpdate
 from .variants import InjectionPlan
@@ -57,13 +64,14 @@ def layer_outputs(layer, idx: int, queries: torch.Tensor, inputs: dict, cache, r
     """
     Layer `idx`'s outputs for `queries` `[B, S_q, d]`: all rows (`rows=None`), none (`0`), or only the last `rows`,
     when nothing reads the others: those then only give the keys/values that the last rows attend to. A slice
-    needs the cache and a 4-D mask (sdpa, eager) to hold the other rows' keys and their causal pattern.
+    needs a cache that stores rows (not a read-only one) and a 4-D mask (sdpa, eager) to hold the other rows' keys
+    and their causal pattern.
     """
     skip = 0 if rows is None else queries.shape[1] - rows
     mask = inputs["attention_mask"]
     if rows == 0:
         return None
-    if skip <= 0 or cache is None or not (isinstance(mask, torch.Tensor) and mask.dim() == 4):
+    if skip <= 0 or cache is None or cache.read_only or not (isinstance(mask, torch.Tensor) and mask.dim() == 4):
         return layer(queries, **inputs)
     cos, sin = inputs["position_embeddings"]
     keys, values = layer_key_values(layer, queries[:, :skip], position_embeddings=(cos[:, :skip], sin[:, :skip]))
@@ -83,7 +91,7 @@ def _injection_cache(model, states, plan: InjectionPlan, length: int, batch_size
         return None, (0, None)
     num_tokens, rows = model.config.num_tokens, model.config.memory_rows
     read = slice(rows - num_tokens, rows - plan.memory_queries)
-    cache = MemoryPrefixCache()
+    cache = MemoryPrefixCache(read_only=checkpointed(model))  # a checkpointed layer runs twice
     cache.attach_prefix([injection_prefix(model, states, read, plan.memory_queries + length)], batch_size)
     return cache, (cache.prefix_length, cache.prefix_written)
 

@@ -1,5 +1,6 @@
 """`MemoryState`: the memory pool of one user or session, as explicit state saved apart from the weights."""
 
+import copy
 import hashlib
 import json
 import os
@@ -257,6 +258,14 @@ class MemoryState:
         """Forget everything: zero rows, never written, uninitialised, no injections."""
         self.assign(torch.zeros_like(self.memory), initialized=False)
 
+    def __deepcopy__(self, memo) -> "MemoryState":
+        """A deep copy of everything but the cached prefix (derived from the memory; the copy computes its own)."""
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        skip = {"_prefix": None}
+        new.__dict__.update({k: skip[k] if k in skip else copy.deepcopy(v, memo) for k, v in self.__dict__.items()})
+        return new
+
     def clone(self) -> "MemoryState":
         copy = MemoryState(self.memory.detach().clone(), self.initialized, self.provenance.clone(), self.injections)
         return copy
@@ -335,8 +344,8 @@ def _write_tiled(out: torch.Tensor, delta: torch.Tensor) -> None:
         out.copy_(delta[:, -num_rows:])
         return
     copies, remainder = divmod(num_rows, new_rows)
-    for copy in range(copies):
-        out[:, copy * new_rows : (copy + 1) * new_rows].copy_(delta)
+    for block in range(copies):
+        out[:, block * new_rows : (block + 1) * new_rows].copy_(delta)
     if remainder:
         out[:, copies * new_rows :].copy_(delta[:, new_rows - remainder :])
 
