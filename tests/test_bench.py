@@ -156,3 +156,13 @@ def test_floors_follow_the_shapes():
     assert decode["memory_bytes"] - decode["plain_bytes"] == shape.key_value_bytes(shape.prefix)
     injection = floors.injection_floor(model, model.config.max_inject_length, 0.01)
     assert injection["ratio"] == injection["injection_flops"] / injection["plain_flops"] + 0.01
+
+
+def test_a_target_on_a_ratio_over_its_floor_says_so_in_the_table():
+    from eval.bench.measures.base import target
+    from eval.bench.measures.cells import goal
+
+    assert goal(target("16-token query: (cached / plain TTFT) / its FLOP floor 1.64", 1.0, "<=", 1.1)) == (
+        "<= 1.1 × floor"
+    )
+    assert goal(target("decode step time with memory / plain backbone", 1.1, "<=", 1.25)) == "<= 1.25"

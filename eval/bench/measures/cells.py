@@ -21,11 +21,13 @@ def met(target: dict | None) -> str:
 
 
 def goal(target: dict | None) -> str:
+    """The Target cell; a target on the ratio over its floor (its name says "floor") reads "<= 1.1 × floor"."""
     if target is None:
         return "–"
     if target["op"] == "within":
         return f"1 ± {target['threshold']:.2f}"
-    return f"{target['op']} {target['threshold']:g}"
+    text = f"{target['op']} {target['threshold']:g}"
+    return f"{text} × floor" if "floor" in target["name"] else text
 
 
 def floor(value: dict | None) -> str:
