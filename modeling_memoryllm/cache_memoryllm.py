@@ -44,8 +44,8 @@ class SharedPrefix:
     ):
         self.key: tuple | None = None  # set when cached on a memory state (`MemoryState.keep_prefix`)
         self.length = keys[0].shape[-2]  # P
-        self.written = written  # [P] bool: prefix rows that may be attended to; None: all of them
-        self.key_buffers = [_with_spare(k, spare) for k in keys]  # each [1, Hkv, P + spare, hd]
+        self.written = written  # [P] (or [B, P]) bool: prefix rows that may be attended to; None: all of them
+        self.key_buffers = [_with_spare(k, spare) for k in keys]  # each [1 (or B), Hkv, P + spare, hd]
         self.value_buffers = [_with_spare(v, spare) for v in values]
         self._lease = threading.Lock()
 
@@ -58,6 +58,10 @@ class SharedPrefix:
     def layer(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The prefix rows of layer `idx`: keys and values `[1, Hkv, P, hd]`."""
         return self.key_buffers[idx][:, :, : self.length], self.value_buffers[idx][:, :, : self.length]
+
+    def replace_layer(self, idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Use larger buffers for layer `idx` (grown by the leasing cache; they start with the same prefix rows)."""
+        self.key_buffers[idx], self.value_buffers[idx] = keys, values
 
 
 def _with_spare(rows: torch.Tensor, spare: int) -> torch.Tensor:
@@ -74,11 +78,14 @@ class PrefixLayer(DynamicLayer):
         self._key_buffer: torch.Tensor | None = None  # [B, Hkv, capacity, hd]
         self._value_buffer: torch.Tensor | None = None
         self._length = 0
+        self._owner: tuple[SharedPrefix, int] | None = None  # the leased prefix and layer whose buffers these are
 
-    def attach(self, key_buffer: torch.Tensor, value_buffer: torch.Tensor, length: int) -> None:
-        """Use these buffers; their first `length` rows are already filled."""
+    def attach(self, key_buffer: torch.Tensor, value_buffer: torch.Tensor, length: int, owner=None) -> None:
+        """Use these buffers; their first `length` rows are already filled. `owner`: `(prefix, layer)` when they are
+        a leased `SharedPrefix`'s, which then keeps the larger buffers if they have to grow."""
         self.dtype, self.device = key_buffer.dtype, key_buffer.device
         self._key_buffer, self._value_buffer, self._length = key_buffer, value_buffer, length
+        self._owner = owner
         self.is_initialized = True
         self._refresh()
 
@@ -91,13 +98,18 @@ class PrefixLayer(DynamicLayer):
         self.attach(empty, value_states.new_empty(*value_states.shape[:2], 0, value_states.shape[3]), 0)
 
     def _grow(self, needed: int, batch_size: int) -> None:
-        """Move to private buffers of at least `needed` rows (the only copy of the cached rows)."""
-        capacity = max(needed + SPARE_ROWS, 2 * self._key_buffer.shape[2])
-        shape = (batch_size, self._key_buffer.shape[1], capacity, self._key_buffer.shape[3])
+        """Move to buffers of at least `needed` rows (one copy of the cached rows): `SPARE_ROWS` more, so a long
+        prefix is not doubled (the 8B's 12,801 rows). Leased buffers of the same batch size stay the prefix's own
+        (it keeps the larger ones and frees the old); others become private."""
+        owner = self._owner if batch_size == self._key_buffer.shape[0] else None
+        shape = (batch_size, self._key_buffer.shape[1], needed + SPARE_ROWS, self._key_buffer.shape[3])
         keys, values = self._key_buffer.new_empty(shape), self._value_buffer.new_empty(shape)
         keys[:, :, : self._length] = self.keys
         values[:, :, : self._length] = self.values
-        self._key_buffer, self._value_buffer = keys, values
+        self._key_buffer, self._value_buffer, self._owner = keys, values, owner
+        self._refresh()
+        if owner is not None:
+            owner[0].replace_layer(owner[1], keys, values)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -113,11 +125,21 @@ class PrefixLayer(DynamicLayer):
 
     def _adopt(self) -> None:
         """After a parent method replaced `keys`/`values` with new tensors, make them the buffers."""
+        self._owner = None
         if self.keys is None:
             self._key_buffer = self._value_buffer = None
             self._length = 0
         else:
             self._key_buffer, self._value_buffer, self._length = self.keys, self.values, self.keys.shape[2]
+
+    def __deepcopy__(self, memo):
+        """A copy with buffers of its own: it does not lease the prefix (`_owner` is not copied)."""
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        state = {name: value for name, value in self.__dict__.items() if name != "_owner"}
+        new.__dict__.update(copy.deepcopy(state, memo))
+        new._owner = None
+        return new
 
     def write_rows(self, row: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Overwrite cached rows `start..start+R-1` of batch row `row` with keys/values `[Hkv, R, hd]`."""
@@ -213,8 +235,9 @@ class MemoryPrefixCache(MemoryCacheMixin, DynamicCache):
     A `DynamicCache` that starts with the memory prefix (`[bos, memory]` keys/values of every layer).
 
     Created empty (so `generate` sees no past tokens), it is filled by the model on the first forward with
-    `attach_prefix`. Batch size 1 without autograd leases the prefix buffers of the memory version and writes its
-    tokens after them in place; otherwise (or when a buffer is already leased) the prefix is copied once. An
+    `attach_prefix`. Without autograd, one prefix holding every batch row (batch size 1, or an injection's prefixes
+    computed as one batch) is leased: its buffers take the tokens in place, and keep what they grow to; otherwise
+    (or when a buffer is already leased) the prefix is copied once. An
     offloaded cache (`offloading=True`) keeps transformers' own layers and gets the prefix through `update`.
     `read_only=True` (gradient checkpointing) stores nothing after the prefix (see `ReadOnlyPrefixLayer`).
     """
@@ -231,22 +254,29 @@ class MemoryPrefixCache(MemoryCacheMixin, DynamicCache):
         """Start every layer with the prefix of `prefixes[i]` in batch row `i` (one prefix: every row)."""
         if self.offloading:
             return super().attach_prefix(prefixes, batch_size)
-        single = len(prefixes) == 1 and batch_size == 1
-        leased = single and not self.read_only and not torch.is_grad_enabled() and prefixes[0].try_lease(self)
+        # one prefix that holds every batch row: batch 1, or an injection's prefixes computed as one batch
+        whole = len(prefixes) == 1 and batch_size == prefixes[0].key_buffers[0].shape[0]
+        leased = whole and not self.read_only and not torch.is_grad_enabled() and prefixes[0].try_lease(self)
         layer_class = ReadOnlyPrefixLayer if self.read_only else PrefixLayer
-        spare = 0 if self.read_only else SPARE_ROWS
-        self.layers = []
-        for idx in range(len(prefixes[0].key_buffers)):
-            layer = layer_class()
-            if leased or (single and self.read_only):
-                layer.attach(prefixes[0].key_buffers[idx], prefixes[0].value_buffers[idx], prefixes[0].length)
-            else:
-                rows = [p.layer(idx) for p in prefixes]
-                layer.attach(*_private_buffers(rows, batch_size, spare), prefixes[0].length)
-            self.layers.append(layer)
+        self.layers = [
+            self._prefix_layer(layer_class, prefixes, idx, batch_size, shared=leased or (whole and self.read_only))
+            for idx in range(len(prefixes[0].key_buffers))
+        ]
         self.layer_class_to_replicate = layer_class
         self.prefix_length = prefixes[0].length
         self.prefix_written = written_mask(prefixes, batch_size)
+
+    def _prefix_layer(self, layer_class, prefixes: list[SharedPrefix], idx: int, batch_size: int, shared: bool):
+        """Layer `idx` holding the prefix: the prefix's own buffers (`shared`: leased, whose growth the prefix keeps,
+        or read-only, never written), or one private copy `[B, Hkv, P + spare, hd]`."""
+        layer, length = layer_class(), prefixes[0].length
+        if shared:
+            owner = None if self.read_only else (prefixes[0], idx)
+            layer.attach(prefixes[0].key_buffers[idx], prefixes[0].value_buffers[idx], length, owner=owner)
+        else:
+            spare = 0 if self.read_only else SPARE_ROWS
+            layer.attach(*_private_buffers([p.layer(idx) for p in prefixes], batch_size, spare), length)
+        return layer
 
 
 class MemoryStaticCache(MemoryCacheMixin, StaticCache):
@@ -291,7 +321,7 @@ def written_mask(prefixes: list[SharedPrefix], batch_size: int) -> torch.Tensor 
     if all(p.written is None for p in prefixes):
         return None
     rows = [p.written if p.written is not None else torch.ones(p.length, dtype=torch.bool) for p in prefixes]
-    return torch.stack(rows).expand(batch_size, -1)
+    return torch.cat([row.view(-1, row.shape[-1]) for row in rows]).expand(batch_size, -1)
 
 
 def _private_buffers(rows: list[tuple[torch.Tensor, torch.Tensor]], batch_size: int, spare: int = SPARE_ROWS):
@@ -302,35 +332,43 @@ def _private_buffers(rows: list[tuple[torch.Tensor, torch.Tensor]], batch_size: 
 
 
 # ----------------------------------------------------------------------------------------- computing prefixes
-def layer_key_values(layer, rows: torch.Tensor, rotary_emb, start: int = 0):
+def layer_key_values(layer, rows: torch.Tensor, rotary_emb=None, start: int = 0, position_embeddings=None):
     """
-    Keys and values that decoder `layer` caches for prefix `rows` `[B, P, d]` at positions `start..start+P-1`:
-    input norm, k/v projections (active adapter), RoPE on the keys. Returns two `[B, Hkv, P, hd]` tensors.
+    Keys and values that decoder `layer` caches for prefix `rows` `[B, P, d]` at positions `start..start+P-1` (or
+    with the given `position_embeddings` `(cos, sin)`, each `[B or 1, P, hd]`): input norm, k/v projections (active
+    adapter), RoPE on the keys. Returns two `[B, Hkv, P, hd]` tensors.
     """
     attention = layer.self_attn
     hidden = layer.input_layernorm(rows)
     shape = (*rows.shape[:2], -1, attention.head_dim)
     keys = attention.k_proj(hidden).view(shape).transpose(1, 2)
     values = attention.v_proj(hidden).view(shape).transpose(1, 2)
-    positions = torch.arange(start, start + rows.shape[1], device=rows.device).unsqueeze(0)
-    cos, sin = rotary_emb(hidden, positions)  # [1, P, hd]
+    if position_embeddings is None:
+        positions = torch.arange(start, start + rows.shape[1], device=rows.device).unsqueeze(0)
+        position_embeddings = rotary_emb(hidden, positions)  # [1, P, hd]
+    cos, sin = position_embeddings
     keys = keys * cos.unsqueeze(1) + rotate_half(keys) * sin.unsqueeze(1)
     return keys, values
 
 
-def prefix_key_values(model, memory: torch.Tensor, rows: slice, adapter: str | None, slots: int = 0):
-    """Per layer, keys/values `[1, Hkv, P, hd]` of `[bos_l, slots, memory[l, rows]]` at positions `0..P-1`; the
-    `slots` rows (M+'s retrieved rows, filled per query) start as zeros."""
+def prefix_key_values(model, memory, rows: slice, adapter: str | None, slots: int = 0):
+    """Per layer, keys/values `[B, Hkv, P, hd]` of `[bos_l, slots, memory[l, rows]]` at positions `0..P-1`; the
+    `slots` rows (M+'s retrieved rows, filled per query) start as zeros. `memory`: one `[L, M, d]` (`B = 1`) or a
+    list of them (one prefix per batch row, computed in one pass)."""
+    memories = list(memory) if isinstance(memory, (list, tuple)) else [memory]
     keys, values = [], []
     with active_adapter(adapter):
         for idx, layer in enumerate(model.model.layers):
             weight = layer.input_layernorm.weight
-            prefix = memory[idx, rows].to(device=weight.device, dtype=weight.dtype)  # [R, d]
+            parts = [m[idx, rows].to(device=weight.device, dtype=weight.dtype) for m in memories]  # each [R, d]
+            prefix = parts[0].unsqueeze(0) if len(parts) == 1 else torch.stack(parts)  # [B, R, d]
+            batch, hidden = prefix.shape[0], prefix.shape[-1]
             if slots:
-                prefix = torch.cat([prefix.new_zeros(slots, prefix.shape[-1]), prefix])
+                prefix = torch.cat([prefix.new_zeros(batch, slots, hidden), prefix], dim=1)
             if model.bos_embedding is not None:
-                prefix = torch.cat([model.bos_embedding[idx].to(prefix.device, prefix.dtype), prefix])
-            layer_keys, layer_values = layer_key_values(layer, prefix.unsqueeze(0), model.model.rotary_emb)
+                bos = model.bos_embedding[idx].to(prefix.device, prefix.dtype).expand(batch, 1, hidden)
+                prefix = torch.cat([bos, prefix], dim=1)
+            layer_keys, layer_values = layer_key_values(layer, prefix, model.model.rotary_emb)
             keys.append(layer_keys)
             values.append(layer_values)
     return keys, values
@@ -390,10 +428,16 @@ def _unread_prefix(model, weight: torch.Tensor) -> SharedPrefix:
     return SharedPrefix(rows, [r.clone() for r in rows], written=torch.zeros(config.prefix_length, dtype=torch.bool))
 
 
-def injection_prefix(model, state, rows: slice, spare: int) -> SharedPrefix:
-    """The prefix `[bos, memory rows]` that an injection reads, with `spare` rows for the queries."""
-    keys, values = prefix_key_values(model, state.memory, rows, model.config.injection_adapter)
-    return SharedPrefix(keys, values, spare=spare, written=model.variant.prefix_written(state, rows))
+def injection_prefix(model, states, rows: slice, spare: int) -> SharedPrefix:
+    """The prefixes `[bos, memory rows]` that an injection of `states` (one per batch row) reads, computed in one
+    pass, with `spare` rows for the queries; written mask `[B, P]` (or `None`)."""
+    keys, values = prefix_key_values(model, [state.memory for state in states], rows, model.config.injection_adapter)
+    masks = [model.variant.prefix_written(state, rows) for state in states]
+    written = None
+    if any(mask is not None for mask in masks):
+        length = keys[0].shape[2]
+        written = torch.stack([mask if mask is not None else torch.ones(length, dtype=torch.bool) for mask in masks])
+    return SharedPrefix(keys, values, spare=spare, written=written)
 
 
 def cache_with_prefix(

@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 
 import torch
 from safetensors import safe_open
@@ -36,6 +37,26 @@ def config_fingerprint(config: MemoryLLMConfig) -> dict[str, int]:
         "num_blocks": config.num_blocks,
         "vocab_size": config.vocab_size,
     }
+
+
+@dataclass(frozen=True)
+class MemoryUpdate:
+    """
+    One injection's write into a memory, as data: applied as a new state (`MemoryState.updated`, differentiable) or
+    in place (`MemoryState.update_`, the commit of `inject`, one pass over the memory).
+
+    Attributes:
+        delta (`torch.Tensor` of shape `[num_layers, n, hidden_size]`): the new rows, written after the kept ones.
+        injection (`int`): the injection's number (the new rows' provenance and the state's new count).
+        kept (`torch.Tensor`, *optional*): ascending indices of the surviving rows, shared `[keep]` or per layer
+            `[num_layers, keep]`; `None`: the first write into an empty memory, which tiles `delta`.
+        replacement (`MemoryState`, *optional*): a variant's own new state (M+), which the update becomes.
+    """
+
+    delta: torch.Tensor | None
+    injection: int
+    kept: torch.Tensor | None = None
+    replacement: "MemoryState | None" = None
 
 
 # A little over 200 lines: a state's data, its updates, its cached prefix and its files belong together.
@@ -165,16 +186,52 @@ class MemoryState:
     def appended(self, kept: torch.Tensor, delta: torch.Tensor, injection: int) -> "MemoryState":
         """`[rows at kept (ascending); delta]`, with `kept` shared `[keep]` or per layer `[L, keep]`. A new state
         (differentiable in `delta` and the kept rows); `injection` numbers the new rows in the provenance."""
-        memory, provenance = self.memory, self.provenance
+        memory = self.memory
         delta = delta.to(device=memory.device, dtype=memory.dtype)
-        if kept.dim() == 1:
-            kept_rows, kept_ids = memory[:, kept.to(memory.device)], provenance[:, kept]
+        if torch.is_grad_enabled() and (memory.requires_grad or delta.requires_grad):
+            layers = torch.arange(memory.shape[0], device=memory.device).unsqueeze(1)
+            index = kept.to(memory.device)
+            rows = torch.cat([memory[:, index] if index.dim() == 1 else memory[layers, index], delta], dim=1)
+        else:  # written once, row block by row block, into a new buffer
+            rows = memory.new_empty(memory.shape)
+            _write_appended(rows, memory, kept, delta)
+        return MemoryState(
+            rows, True, _appended_provenance(self.provenance, kept, injection, delta.shape[1]), injection
+        )
+
+    def updated(self, update: MemoryUpdate) -> "MemoryState":
+        """The state after `update` (planned from this state): a new state; this one is left alone."""
+        if update.replacement is not None:
+            return update.replacement
+        if update.kept is None:
+            return self.tiled(update.delta, update.injection)
+        return self.appended(update.kept, update.delta, update.injection)
+
+    def update_(self, update: MemoryUpdate, source: "MemoryState | None" = None) -> None:
+        """
+        Become `source` (default: this state) after `update` (planned from `source`), in place and with one pass
+        over the memory: this state's tensors keep their storage (a state bound to a model's parameter keeps that
+        parameter current). `inject` calls it only once every new row is computed, so an error before leaves the
+        state as it was.
+        """
+        if update.replacement is not None:
+            self.take(update.replacement)
+            return
+        source = self if source is None else source
+        delta = update.delta.to(device=self.memory.device, dtype=self.memory.dtype)
+        if update.kept is None:
+            provenance = torch.full(self.provenance.shape, update.injection, dtype=torch.long)
         else:
-            index = kept.to(memory.device).unsqueeze(-1).expand(-1, -1, memory.shape[-1])
-            kept_rows, kept_ids = memory.gather(1, index), provenance.gather(1, kept)
-        new_ids = torch.full((memory.shape[0], delta.shape[1]), injection, dtype=torch.long)
-        rows, ids = torch.cat([kept_rows, delta], dim=1), torch.cat([kept_ids, new_ids], dim=1)
-        return MemoryState(rows, True, ids, injection)
+            provenance = _appended_provenance(source.provenance, update.kept, update.injection, delta.shape[1])
+        with torch.no_grad():
+            if update.kept is None:
+                _write_tiled(self.memory, delta)
+            else:
+                _write_appended(self.memory, source.memory, update.kept, delta)
+            self._initialized_flag.fill_(1)
+        self.provenance.copy_(provenance)
+        self.injections = update.injection
+        self.mark_changed()
 
     def take(self, other: "MemoryState") -> None:
         """Become `other` (an update computed from this state), in place: this state's own tensors keep their
@@ -263,6 +320,43 @@ class MemoryState:
         return cls(memory, initialized, provenance, injections)
 
 
+def _write_appended(out: torch.Tensor, memory: torch.Tensor, kept: torch.Tensor, delta: torch.Tensor) -> None:
+    """`out[l] = [memory[l, kept(l)]; delta[l]]` for every layer, one layer at a time; `out` may be `memory` itself
+    (ascending `kept`: each layer's rows go through one reused buffer of a layer's size, then back)."""
+    keep = kept.shape[-1]
+    index = kept.to(memory.device)
+    in_place = out.data_ptr() == memory.data_ptr()
+    buffer = memory.new_empty(keep, memory.shape[2]) if in_place else None
+    for layer in range(memory.shape[0]):
+        rows = index if index.dim() == 1 else index[layer]
+        if in_place:
+            torch.index_select(memory[layer], 0, rows, out=buffer)
+            out[layer, :keep].copy_(buffer)
+        else:
+            torch.index_select(memory[layer], 0, rows, out=out[layer, :keep])
+    out[:, keep:].copy_(delta)
+
+
+def _write_tiled(out: torch.Tensor, delta: torch.Tensor) -> None:
+    """`out` `[L, M, d]` filled as `MemoryState.tiled` fills a new memory: `delta` repeated, then its last rows."""
+    num_rows, new_rows = out.shape[1], delta.shape[1]
+    if new_rows >= num_rows:
+        out.copy_(delta[:, -num_rows:])
+        return
+    copies, remainder = divmod(num_rows, new_rows)
+    for block in range(copies):
+        out[:, block * new_rows : (block + 1) * new_rows].copy_(delta)
+    if remainder:
+        out[:, copies * new_rows :].copy_(delta[:, new_rows - remainder :])
+
+
+def _appended_provenance(provenance: torch.Tensor, kept: torch.Tensor, injection: int, new_rows: int) -> torch.Tensor:
+    """The provenance `[L, M]` after an append: the kept rows' ids, then `injection` for the `new_rows` new ones."""
+    kept_ids = provenance[:, kept] if kept.dim() == 1 else provenance.gather(1, kept)
+    new_ids = torch.full((provenance.shape[0], new_rows), injection, dtype=torch.long)
+    return torch.cat([kept_ids, new_ids], dim=1)
+
+
 def checksum(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
     """SHA-256 over the metadata (but the checksum itself) and each tensor's name, dtype, shape and bytes."""
     digest = hashlib.sha256()
@@ -348,4 +442,4 @@ def _check_against_config(path, memory: torch.Tensor, metadata: dict[str, str], 
         raise ValueError(f"{path}: made for a different model config ({', '.join(differs)} differ: {saved}).")
 
 
-__all__ = ["EMPTY_ROWS", "INITIAL_ROWS", "MemoryState", "checksum", "config_fingerprint"]
+__all__ = ["EMPTY_ROWS", "INITIAL_ROWS", "MemoryState", "MemoryUpdate", "checksum", "config_fingerprint"]

@@ -21,12 +21,13 @@ from torch.utils.checkpoint import checkpoint
 from transformers import AutoTokenizer, initialization
 from transformers.models.llama.modeling_llama import LlamaForCausalLM, LlamaModel, LlamaPreTrainedModel
 
+from .attention_memoryllm import use_prefix_attention
 from .backbone import from_backbone
 from .cache_memoryllm import cache_with_prefix, checkpointed, prefix_of, prefixed_mask, text_positions
 from .configuration_memoryllm import MemoryLLMConfig
 from .export_memoryllm import memory_prefix, merged_reading_model
 from .generation_memoryllm import MemoryGenerationMixin
-from .injection import inject_chunks, injection_pass
+from .injection import PendingState, inject_chunks, injection_pass
 from .lora import LoraLinear, active_adapter, keeping_adapter
 from .memory_state import EMPTY_ROWS, MemoryState
 from .validation import batch_states, check_input_ids, check_text_mask, chunked, injection_states, token_lists
@@ -48,6 +49,7 @@ REMOTE_CODE_FILES = (
     "variant_mplus.py",
     "memory_state_mplus.py",
     "injection.py",
+    "attention_memoryllm.py",
     "validation.py",
     "backbone.py",
     "lora.py",
@@ -89,6 +91,7 @@ class MemoryLLMModel(MemoryLLMPreTrainedModel, LlamaModel):
 
     def __init__(self, config: MemoryLLMConfig):
         super().__init__(config)
+        use_prefix_attention(self)
         if config.lora_config is not None:
             self._add_lora(config)
             self.post_init()
@@ -273,7 +276,7 @@ class MemoryLLMForCausalLM(MemoryGenerationMixin, MemoryLLMPreTrainedModel, Llam
         if attention_mask is not None and not bool(attention_mask.all()):
             if int(attention_mask.sum(-1).min()) < self.config.num_tokens:
                 raise ValueError(f"Padded injection needs at least num_tokens={self.config.num_tokens} per row.")
-        delta, hidden = injection_pass(self, input_ids, states, attention_mask)
+        delta, hidden = injection_pass(self, input_ids, states, attention_mask, text_rows=output_logits)
         if output_logits:
             return delta, self.lm_head(self.model.norm(hidden)).float()
         return delta
@@ -292,10 +295,9 @@ class MemoryLLMForCausalLM(MemoryGenerationMixin, MemoryLLMPreTrainedModel, Llam
         multiple = isinstance(memory, (list, tuple))
         states = list(memory) if multiple else [memory if memory is not None else self.memory_state]
         with torch.no_grad():
-            updated = self._injected_states(inputs, states, multiple, generator, show_progress)
-        for state, new in zip(states, updated):
-            if new is not state:
-                state.take(new)
+            pending = self._injected_states(inputs, states, multiple, generator, show_progress)
+            for result in pending:  # the commit: every new row is computed by now
+                result.commit()
         return states if multiple else states[0]
 
     def injected(self, inputs, memory=None, *, generator: torch.Generator | None = None):
@@ -305,10 +307,10 @@ class MemoryLLMForCausalLM(MemoryGenerationMixin, MemoryLLMPreTrainedModel, Llam
         """
         multiple = isinstance(memory, (list, tuple))
         states = list(memory) if multiple else [memory if memory is not None else self.memory_state]
-        updated = self._injected_states(inputs, states, multiple, generator, show_progress=False)
+        updated = [result.result() for result in self._injected_states(inputs, states, multiple, generator, False)]
         return updated if multiple else updated[0]
 
-    def _injected_states(self, inputs, states, multiple: bool, generator, show_progress) -> list[MemoryState]:
+    def _injected_states(self, inputs, states, multiple: bool, generator, show_progress) -> list[PendingState]:
         items = token_lists(inputs, self._tokenize, self.config.vocab_size)
         chunks = chunked(items, self.config.max_inject_length)
         chunks = injection_states(chunks, states, multiple, self.config)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .cache_memoryllm import MemoryPrefixCache, layer_key_values
-from .memory_state import EMPTY_ROWS
+from .memory_state import EMPTY_ROWS, MemoryUpdate
 from .memory_state_mplus import MPlusMemoryState
 from .variants import InjectionPlan, MemoryLLM8B, register_variant
 
@@ -131,6 +131,10 @@ class MPlus(MemoryLLM8B):
         if new.update_step >= self.config.update_ltm_frequency * self.config.num_tokens:
             new = self.merged(new)
         return new
+
+    def planned_update(self, state, delta, injection: int, generator=None, model=None) -> MemoryUpdate:
+        """The update as data for `inject`'s commit: M+'s is its whole new state (buffer, LTM and merge included)."""
+        return MemoryUpdate(delta, injection, replacement=self.update(state, delta, injection, generator, model=model))
 
     def _drop_indices(self, state, new_rows: int, generator):
         """Per layer, ascending kept and gone STM rows: never-written rows go first; else one `randperm` per layer."""

@@ -17,7 +17,7 @@ from typing import ClassVar
 
 import torch
 
-from .memory_state import EMPTY_ROWS, MemoryState
+from .memory_state import EMPTY_ROWS, MemoryState, MemoryUpdate
 
 
 MEMORY_VARIANTS: dict[str, type["MemoryVariant"]] = {}
@@ -122,19 +122,31 @@ class MemoryVariant:
         the new-memory positional vector `[1, 1, d]`."""
         raise NotImplementedError
 
+    def output_rows_read(self, plan: InjectionPlan) -> int:
+        """How many trailing rows of a layer's outputs `written_rows` reads (0: none, when it writes inputs): the
+        last layer of an injection computes only these (its other rows feed nothing)."""
+        return plan.num_new
+
     # ------------------------------------------------------------------------------------------------- update
     def update(
         self, state: MemoryState, delta: torch.Tensor, injection: int, generator=None, model=None
     ) -> MemoryState:
         """The state after writing `delta` `[L, n, d]` as injection number `injection` (a new state). `model` is
         for variants whose update needs the weights (M+'s retriever keys)."""
+        return state.updated(self.planned_update(state, delta, injection, generator, model=model))
+
+    def planned_update(
+        self, state: MemoryState, delta: torch.Tensor, injection: int, generator=None, model=None
+    ) -> MemoryUpdate:
+        """What writing `delta` does to `state`, as data: the rows kept and the rows written (`MemoryUpdate`),
+        applied as a new state by `update` and in place by `inject` at its commit."""
         if not state.initialized:
-            return state.tiled(delta, injection)
+            return MemoryUpdate(delta, injection)
         new_rows, num_rows = delta.shape[1], state.memory.shape[1]
         if new_rows > num_rows:
             raise ValueError(f"A delta of {new_rows} rows does not fit a memory of {num_rows} rows per layer.")
         keep = num_rows - self.drop_count(new_rows)
-        return state.appended(self.kept_rows(num_rows, keep, generator), delta, injection)
+        return MemoryUpdate(delta, injection, kept=self.kept_rows(num_rows, keep, generator))
 
     def drop_count(self, new_rows: int) -> int:
         """Rows dropped by an update of `new_rows` rows into an initialised memory (the released rule)."""
@@ -207,9 +219,12 @@ class TrainingFree(MemoryVariant):
     def written_rows(self, queries, outputs, layer: int, plan: InjectionPlan, initialized: bool, e) -> torch.Tensor:
         return queries[:, -plan.num_new :]
 
-    def update(
+    def output_rows_read(self, plan: InjectionPlan) -> int:
+        return 0  # the rows written are each layer's inputs: the last layer's outputs feed nothing
+
+    def planned_update(
         self, state: MemoryState, delta: torch.Tensor, injection: int, generator=None, model=None
-    ) -> MemoryState:
+    ) -> MemoryUpdate:
         """New rows replace never-written rows first (the first ones, the same in every layer, so which rows are empty
         never depends on the layer); once the memory is full, random old rows go. Rows keep their order."""
         num_rows = state.memory.shape[1]
@@ -220,9 +235,9 @@ class TrainingFree(MemoryVariant):
         if keep_written == len(written):  # room enough: only never-written rows go
             keep_empty = num_rows - delta.shape[1] - keep_written
             kept = torch.cat([written, empty[len(empty) - keep_empty :]]).sort().values
-            return state.appended(kept, delta, injection)
+            return MemoryUpdate(delta, injection, kept=kept)
         picks = self.kept_rows(len(written), keep_written, generator)  # indices into `written`
-        return state.appended(written[picks], delta, injection)
+        return MemoryUpdate(delta, injection, kept=written[picks])
 
 
 # Each import registers a variant; they stand at the end because they import this file.

@@ -130,3 +130,39 @@ def test_module_entry_point_help():
         [sys.executable, "-m", "eval.bench", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0 and "--quick" in done.stdout and "--soak" in done.stdout
+
+
+def test_gpu_check_runs_its_code_path_on_cpu_with_tiny_shapes(tmp_path):
+    from eval.bench import gpu_check
+
+    assert gpu_check.main(["--tiny", "--out", str(tmp_path), "--repeats", "1"]) == 0
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    batched = result["batched_injection"]
+    assert batched["memories"] == 8 and _number(batched["batched_throughput_vs_sequential"])
+    assert result["eight_b"]["skipped"] is False and "device_name" in result["machine"]
+    assert "memories batched" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_floors_follow_the_shapes():
+    from eval.bench import floors
+    from modeling_memoryllm.testing_utils import tiny_model
+
+    model = tiny_model(preset="bench", memory_variant="memoryllm-8b")
+    shape = floors.Shape.of(model)
+    ttft = floors.ttft_floor(shape, 16)
+    extra = shape.layers * shape.attention_flops(16 * shape.prefix)  # attention over the prefix rows
+    assert ttft["memory_flops"] - ttft["plain_flops"] == extra and ttft["ratio"] > 1
+    decode = floors.decode_floor(shape, 10)
+    assert decode["memory_bytes"] - decode["plain_bytes"] == shape.key_value_bytes(shape.prefix)
+    injection = floors.injection_floor(model, model.config.max_inject_length, 0.01)
+    assert injection["ratio"] == injection["injection_flops"] / injection["plain_flops"] + 0.01
+
+
+def test_a_target_on_a_ratio_over_its_floor_says_so_in_the_table():
+    from eval.bench.measures.base import target
+    from eval.bench.measures.cells import goal
+
+    assert goal(target("16-token query: (cached / plain TTFT) / its FLOP floor 1.64", 1.0, "<=", 1.1)) == (
+        "<= 1.1 × floor"
+    )
+    assert goal(target("decode step time with memory / plain backbone", 1.1, "<=", 1.25)) == "<= 1.25"

@@ -604,11 +604,11 @@ def crash_on_call(real, crash_at: int, error: BaseException):
 
 
 @pytest.mark.parametrize("error", [Crash("boom"), KeyboardInterrupt(), MemoryError()], ids=lambda e: type(e).__name__)
-@pytest.mark.parametrize("where", ["update", "inject_group", "injection_pass"])
+@pytest.mark.parametrize("where", ["planned_update", "inject_group", "injection_pass"])
 @pytest.mark.parametrize("target", ["own", "clone", "batched"])
 def test_crash_in_the_middle_of_inject_changes_nothing(model, monkeypatch, error, where, target):
     """40 tokens: 4 chunks, so the crash (2nd call) comes after a chunk was already computed."""
-    owner = type(model.variant) if where == "update" else injection  # the variant's rule, or the injection pass
+    owner = type(model.variant) if where == "planned_update" else injection  # the variant's rule, or the injection pass
     wrapper, calls = crash_on_call(getattr(owner, where), 2, error)
     monkeypatch.setattr(owner, where, wrapper)
     text = list(range(10, 50))

@@ -9,8 +9,8 @@ from .measures import Measure, of
 
 
 TABLE_HEADER = (
-    "| # | Measure | Measured (median) | Baseline (median) | Ratio | Target | Met |",
-    "|---|---|---|---|---|---|---|",
+    "| # | Measure | Measured (median) | Baseline (median) | Ratio | Floor | Target | Met |",
+    "|---|---|---|---|---|---|---|---|",
 )
 
 

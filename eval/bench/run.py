@@ -20,7 +20,7 @@ import torch
 from ..paths import BENCH_RESULTS, COMMAND
 from . import report
 from .measures import COST_POINTS, Bench, Context, log, of
-from .models import bench_model, model_info
+from .models import MODELS, bench_model, model_info
 from .timing import load_average, machine_info, synchronizer
 
 
@@ -42,6 +42,13 @@ DEFAULTS = {
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=f"{COMMAND}.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny random config, few repeats (CI)")
+    parser.add_argument(
+        "--model",
+        default="default",
+        choices=MODELS,
+        help="default: the embedded default as it is (training-free); released: its weights and shape with the "
+        "released write rule and LoRA adapters on (the workload the original code was timed on)",
+    )
     parser.add_argument("--soak", type=int, metavar="N", help="only measure 7: N injections into a tiny config")
     parser.add_argument("--soak-memories", type=int, default=16, help="memories injected into at once in --soak")
     parser.add_argument("--out", default=DEFAULT_OUT, help="output folder (default: eval/bench/results)")
@@ -108,7 +115,7 @@ def run_bench(args: argparse.Namespace, device: torch.device) -> dict:
     dtype = getattr(torch, args.dtype)
     machine = machine_info(device)
     log(f"loading the model on {machine['device_name']} ({torch.get_num_threads()} threads)")
-    model, name = bench_model(args.quick, device, dtype)
+    model, name = bench_model(args.quick, device, dtype, args.model)
     max_injected = default_max_injected(args, device)
     info = model_info(model, name)
     context = Context(args, device, args.out, bench=make_bench(args, model, device))
@@ -123,6 +130,7 @@ def run_bench(args: argparse.Namespace, device: torch.device) -> dict:
     settings = {key: getattr(args, key) for key in DEFAULTS} | {
         "device": str(device),
         "dtype": args.dtype,
+        "model_choice": args.model,
         "max_injected_tokens": max_injected,
         "cost_points": list(COST_POINTS),
         "model": info,

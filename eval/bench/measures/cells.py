@@ -1,4 +1,5 @@
-"""Cells of the markdown table (`bench_table.md`): `| # | Measure | Measured | Baseline | Ratio | Target | Met |`."""
+"""Cells of the markdown table (`bench_table.md`):
+`| # | Measure | Measured | Baseline | Ratio | Floor | Target | Met |`."""
 
 
 def fmt(value, digits: int = 2) -> str:
@@ -20,13 +21,31 @@ def met(target: dict | None) -> str:
 
 
 def goal(target: dict | None) -> str:
+    """The Target cell; a target on the ratio over its floor (its name says "floor") reads "<= 1.1 × floor"."""
     if target is None:
         return "–"
     if target["op"] == "within":
         return f"1 ± {target['threshold']:.2f}"
-    return f"{target['op']} {target['threshold']:g}"
+    text = f"{target['op']} {target['threshold']:g}"
+    return f"{text} × floor" if "floor" in target["name"] else text
 
 
-def row(number: int, text: str, measured: str, baseline: str, ratio: str, target: dict | None = None) -> list[str]:
-    """One table row; without a target, Target is "–" and Met is "report"."""
-    return [str(number), text, measured, baseline, ratio, goal(target), met(target)]
+def floor(value: dict | None) -> str:
+    """The floor of a ratio (`floors.py`) and what bounds it: FLOPs (compute) or bytes (bandwidth)."""
+    if value is None:
+        return "–"
+    kind = "bytes" if value["bound"] == "bandwidth" else "FLOPs"
+    return f"{value['ratio']:.2f} ({kind})"
+
+
+def row(
+    number: int,
+    text: str,
+    measured: str,
+    baseline: str,
+    ratio: str,
+    target: dict | None = None,
+    floor_value: dict | None = None,
+) -> list[str]:
+    """One table row; without a target, Target is "–" and Met is "report"; without a floor, Floor is "–"."""
+    return [str(number), text, measured, baseline, ratio, floor(floor_value), goal(target), met(target)]

@@ -8,8 +8,9 @@ from modeling_memoryllm import MemoryState
 from modeling_memoryllm.cache_memoryllm import MemoryPrefixCache
 from modeling_memoryllm.modeling_memoryllm import CACHE_KWARG
 
+from ..floors import Shape, decode_floor
 from ..timing import ratio, summary
-from .base import Bench, Context, Measure
+from .base import Bench, Context, Measure, target
 from .cells import fmt, row
 
 
@@ -36,13 +37,21 @@ def measure_decode(bench: Bench, full: MemoryState) -> dict:
         {"memory": lambda: decode_seconds(bench, query, full), "plain": lambda: decode_seconds(bench, query, plain)}
     )
     speed = {name: bench.decode_tokens / summary(s)["median_s"] for name, s in samples.items()}
+    time_ratio = ratio(speed["plain"], speed["memory"])
+    past = bench.query_tokens + bench.decode_tokens // 2  # text rows a step attends to, on average
+    floor = decode_floor(Shape.of(model), past)
     return {
         "description": "greedy decode steps (one token each, KV cache) after the prefill of the query",
         "decode_tokens": bench.decode_tokens,
         "query_tokens": bench.query_tokens,
         "variants": {name: {**summary(s), "tokens_per_s": speed[name]} for name, s in samples.items()},
-        "ratios": {"memory_vs_plain_tokens_per_s": ratio(speed["memory"], speed["plain"])},
-        "targets": [],
+        "ratios": {
+            "memory_vs_plain_tokens_per_s": ratio(speed["memory"], speed["plain"]),
+            "memory_vs_plain_step_time": time_ratio,
+            "step_time_vs_floor": ratio(time_ratio, floor["ratio"]),
+        },
+        "floor": floor,
+        "targets": [target("decode step time with memory / plain backbone", time_ratio, "<=", 1.25)],
     }
 
 
@@ -52,10 +61,10 @@ def run(context: Context) -> dict:
 
 # ------------------------------------------------------------------------------------------------- table, plot
 def rows(decode: dict) -> list[list[str]]:
-    v = decode["variants"]
+    v, r = decode["variants"], decode["ratios"]
     memory, plain = f"{v['memory']['tokens_per_s']:.1f} tok/s", f"{v['plain']['tokens_per_s']:.1f} tok/s"
-    ratio_text = fmt(decode["ratios"]["memory_vs_plain_tokens_per_s"])
-    return [row(4, "decode tokens/s with memory vs plain backbone", memory, plain, ratio_text)]
+    text = f"decode step time with memory vs plain backbone ({decode['decode_tokens']} greedy steps)"
+    return [row(4, text, memory, plain, fmt(r["memory_vs_plain_step_time"]), decode["targets"][0], decode["floor"])]
 
 
 def draw_speed(ax, decode: dict) -> None:

@@ -169,7 +169,9 @@ def run(context: Context) -> dict:
 
 def rows(gpu: dict) -> list[list[str]]:
     if gpu.get("skipped"):
-        return [["6", "8B shape on GPU: peak memory, 2k-token query", "skipped", "", "", "< 18,000 MB", gpu["reason"]]]
+        return [
+            ["6", "8B shape on GPU: peak memory, 2k-token query", "skipped", "", "", "–", "< 18,000 MB", gpu["reason"]]
+        ]
     off, on, t = gpu["memory_offloaded"], gpu["memory_on_gpu"], gpu["targets"][0]
     on_text = (
         f"8B shape, memory on GPU: peak MiB (paper {gpu['paper_mb']['memory_on_gpu']:,}); TTFT "

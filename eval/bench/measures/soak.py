@@ -135,7 +135,7 @@ def rows(soak: dict) -> list[list[str]]:
         f"{fmt(ratios['max_rms_vs_first'])}, RSS max/start {fmt(ratios['rss_max_vs_steady_start'], 3)}, "
         f"time per injection last/first tenth {fmt(ratios['time_last_vs_first'])}"
     )
-    return [["7", text, "", "", "", "finite, bounded, flat", "yes" if ok else "**no**"]]
+    return [["7", text, "", "", "", "–", "finite, bounded, flat", "yes" if ok else "**no**"]]
 
 
 def plot(plt, result: dict):
