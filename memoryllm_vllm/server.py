@@ -21,6 +21,16 @@ from .store import MemoryStore
 
 logger = logging.get_logger(__name__)
 
+# vLLM's CPU worker sizes its KV cache as `--gpu-memory-utilization` x the RAM of its NUMA node minus its own resident
+# size (about 1.4 GB with the default loaded), so a fraction that works on one machine is refused on another (0.1 of
+# a 13.5 GB node is less than that). An explicit size is refused only when less RAM is free.
+KV_CACHE_BYTES = 1 << 30  # 1 GiB: about 23,000 tokens of the default's float32 K/V (46,080 B each)
+
+
+def kv_cache_options(size: int = KV_CACHE_BYTES) -> list[str]:
+    """The `vllm serve` options for a KV cache of `size` bytes, whatever the machine's RAM."""
+    return ["--kv-cache-memory-bytes", str(size)]
+
 
 def free_port() -> int:
     with socket.socket() as sock:

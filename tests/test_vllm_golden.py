@@ -34,7 +34,7 @@ def engine(tmp_path_factory):
     connector = {"kv_connector": "MemoryLLMConnector", "kv_role": "kv_consumer"}
     llm = LLM(
         model=str(folder / "reading"), skip_tokenizer_init=True, dtype="float32", enforce_eager=True,
-        max_model_len=512, gpu_memory_utilization=0.05, enable_prefix_caching=True,
+        max_model_len=512, kv_cache_memory_bytes=1 << 28, enable_prefix_caching=True,
         kv_transfer_config={**connector, "kv_connector_extra_config": {"store": str(folder / "store")}},
     )  # fmt: skip
     yield llm, service, model, info["placeholder_token_id"]

@@ -15,7 +15,7 @@ import torch
 
 pytest.importorskip("vllm")
 
-from memoryllm_vllm.server import ServerProcess  # noqa: E402
+from memoryllm_vllm.server import ServerProcess, kv_cache_options  # noqa: E402
 from memoryllm_vllm.service import MemoryService  # noqa: E402
 from memoryllm_vllm.store import MemoryStore  # noqa: E402
 from modeling_memoryllm import default  # noqa: E402
@@ -40,7 +40,7 @@ def served(tmp_path_factory):
     service.inject("alice", default.PASSAGE.read_text(), generator=torch.Generator().manual_seed(0))  # 308 rows
     full = [default.PASSAGE.read_text(), *squad_contexts(14)]
     service.inject("carol", full, generator=torch.Generator().manual_seed(0))  # full: all 2,048 rows and bos
-    options = ["--enforce-eager", "--gpu-memory-utilization", "0.1", "--max-num-seqs", "8"]
+    options = ["--enforce-eager", *kv_cache_options(), "--max-num-seqs", "8"]
     with ServerProcess(folder / "reading", folder / "store", extra=options, log_path=folder / "server.log") as server:
         yield server, service, model
 

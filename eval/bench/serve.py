@@ -277,7 +277,7 @@ def golden_parity(work: pathlib.Path) -> dict:
     connector = {"kv_connector": "MemoryLLMConnector", "kv_role": "kv_consumer",
                  "kv_connector_extra_config": {"store": str(work / "golden_store")}}  # fmt: skip
     llm = LLM(model=str(work / "golden_reading"), skip_tokenizer_init=True, dtype="float32", enforce_eager=True,
-              max_model_len=512, gpu_memory_utilization=0.05, enable_prefix_caching=True,
+              max_model_len=512, kv_cache_memory_bytes=1 << 28, enable_prefix_caching=True,
               kv_transfer_config=connector)  # fmt: skip
     prompts = [[5, 17, 301, 42, 9, 77, 250], [3, 99, 12, 400, 8], [480, 2, 64]]
     params = SamplingParams(temperature=0, max_tokens=8, logprobs=1, ignore_eos=True,
@@ -420,7 +420,7 @@ def parse_args(argv):
 def parity_run(args) -> dict:
     """Parity only: the bundled passage (a partly written memory, 308 of 2,049 rows) and a full memory (the passage
     and 14 SQuAD paragraphs), three questions each, through `vllm serve`; and golden A through offline vLLM."""
-    from memoryllm_vllm.server import ServerProcess
+    from memoryllm_vllm.server import ServerProcess, kv_cache_options
     from modeling_memoryllm.default import PASSAGE
 
     torch.set_num_threads(args.threads)
@@ -433,7 +433,7 @@ def parity_run(args) -> dict:
     service.inject("passage", users[0].context, generator=torch.Generator().manual_seed(0))
     full = [users[1].context, *(u.context for u in squad)]
     service.inject("full", full, generator=torch.Generator().manual_seed(0))
-    options = ["--enforce-eager", "--gpu-memory-utilization", "0.1"]
+    options = ["--enforce-eager", *kv_cache_options()]
     with ServerProcess(work / "reading", work / "store", extra=options, log_path=work / "server.log") as server:
         default = default_parity(server, service, model, users, questions_all=True)
     return {"command": "python -m eval.bench.serve " + " ".join(sys.argv[1:]), "vllm": _vllm_version(),
