@@ -49,6 +49,8 @@ REMOTE_CODE_FILES = (
     "variant_memoryllm7b.py",
     "variant_mplus.py",
     "memory_state_mplus.py",
+    "variant_ranked.py",
+    "memory_state_ranked.py",
     "injection.py",
     "validation.py",
     "backbone.py",

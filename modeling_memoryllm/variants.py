@@ -228,6 +228,7 @@ class TrainingFree(MemoryVariant):
 # Each import registers a variant; they stand at the end because they import this file.
 from .variant_memoryllm7b import MemoryLLM7B  # noqa: E402, F401
 from .variant_mplus import MPlus  # noqa: E402, F401
+from .variant_ranked import TrainingFreeRanked  # noqa: E402, F401
 
 
 __all__ = [
