@@ -71,19 +71,41 @@ class TrainingFreeRanked(TrainingFree):
         return int((state.provenance[0] == state.injections).sum()) == self.config.max_inject_length
 
     def prefix_written(self, state, rows: slice = slice(None)) -> torch.Tensor | None:
-        """For reading (all rows), the training-free rule; for an injection's window of rows, only the rows of the
-        text it continues (see `continues_text`), and bos."""
+        """For reading (all rows), the written rows but repeated ones (see `repeated_rows`), and bos; for an
+        injection's window of rows, only the rows of the text it continues (see `continues_text`), and bos."""
         if rows == slice(None):
-            return super().prefix_written(state, rows)
+            visible = self.visible(state)
+            if bool(visible.all()):
+                return None
+            return torch.cat([torch.ones(1, dtype=torch.bool), visible]) if self.config.add_bos_embedding else visible
         window = state.provenance[0, rows]
         visible = window == state.injections if self.continues_text(state) else torch.zeros_like(window, dtype=bool)
         visible = visible & (window != EMPTY_ROWS)
         return torch.cat([torch.ones(1, dtype=torch.bool), visible]) if self.config.add_bos_embedding else visible
 
     # ------------------------------------------------------------------------------------------------- update
+    def visible(self, state) -> torch.Tensor:
+        """`[M]` bool: the rows a query reads: written and not repeated (the same in every layer: repeated rows are
+        written at the same slots of every layer and dropped first, so they stay aligned)."""
+        return (state.provenance[0] != EMPTY_ROWS) & (state.scores[0] >= 0)
+
     def update(self, state, delta: torch.Tensor, injection: int, generator=None, model=None):
-        """Write `delta` `[L, n, d]` (never-written rows first); once full, drop by score (or at random)."""
-        return self.updated(state, delta, self.write_scores(model, delta), injection, generator)
+        """Write `delta` `[L, n, d]` (never-written rows first); once full, drop repeated rows, then by score (or
+        at random)."""
+        scores = self.write_scores(model, delta)
+        first_last = state.memory[[0, -1]].to(delta.device, delta.dtype)
+        scores = self.marked(first_last, self.visible(state), delta[[0, -1]], scores)
+        return self.updated(state, delta, scores, injection, generator)
+
+    @staticmethod
+    def marked(first_last: torch.Tensor, visible: torch.Tensor, new: torch.Tensor, scores: torch.Tensor):
+        """`scores` with the new rows that repeat a visible row set to -1 (`repeated_rows`; `first_last` and `new`
+        are the first and last layers' rows `[2, M, d]`, `[2, n, d]`)."""
+        repeated = repeated_rows(first_last, visible, new)
+        if bool(repeated.any()):
+            scores = scores.clone()
+            scores[:, repeated.cpu()] = -1.0
+        return scores
 
     def write_scores(self, model, delta: torch.Tensor) -> torch.Tensor:
         """The scores `[L, n]` of the rows `delta` writes (`row_scores`; unknown, 0.5, for the random drop)."""
@@ -106,10 +128,22 @@ class TrainingFreeRanked(TrainingFree):
             kept = torch.cat([written, empty[len(empty) - keep_empty :]]).sort().values
             return state.appended_scored(kept, delta, scores, injection)
         if self.config.memory_drop == "random":
-            picks = self.kept_rows(len(written), keep_written, generator)
+            kept = self.random_rows(written, state.scores[0, written] < 0, keep_written, generator)
         else:
-            picks = self.best_rows(state.scores[:, written], keep_written)
-        return state.appended_scored(written[picks], delta, scores, injection)
+            kept = written[self.best_rows(state.scores[:, written], keep_written)]
+        return state.appended_scored(kept, delta, scores, injection)
+
+    def random_rows(self, written: torch.Tensor, repeated: torch.Tensor, keep: int, generator) -> torch.Tensor:
+        """The training-free rule's uniform draw of `keep` of the `written` rows, repeated rows dropped first (the
+        newest of them stay when there are too few others)."""
+        if not bool(repeated.any()):
+            return written[self.kept_rows(len(written), keep, generator)]
+        others, again = written[~repeated], written[repeated]
+        picks = others[self.kept_rows(len(others), min(keep, len(others)), generator)]
+        extra = again[len(again) - max(keep - len(others), 0) :]
+        if picks.dim() == 2:
+            extra = extra.expand(picks.shape[0], -1)
+        return torch.cat([picks, extra], dim=-1).sort(dim=-1).values
 
     def best_rows(self, scores: torch.Tensor, keep: int) -> torch.Tensor:
         """Ascending indices of the `keep` highest-scored rows, `[L, keep]` per layer or `[keep]` shared (summed
@@ -122,6 +156,27 @@ class TrainingFreeRanked(TrainingFree):
 
 
 # ----------------------------------------------------------------------------------------------------- scores
+def repeated_rows(first_last: torch.Tensor, visible: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """`[n]` bool: the `new` rows that repeat one of the `visible` rows: the same token (equal first-layer rows) after
+    the same tokens (close last-layer rows). With each text written on its own, this is the opening that every
+    framed text shares (`serving.Framing.text_head`): the memory reads it once."""
+    old = first_last[:, visible.to(first_last.device)]
+    repeated = torch.zeros(new.shape[1], dtype=torch.bool)
+    if old.shape[1] == 0 or new.shape[1] == 0:
+        return repeated
+    probe = torch.linspace(1.0, 2.0, new.shape[-1], device=new.device, dtype=new.dtype)
+    old_key, new_key = old[0] @ probe, new[0] @ probe
+    scale = 1e-5 * (old_key.abs().max() + 1)
+    pairs = ((new_key[:, None] - old_key[None]).abs() <= scale).nonzero()  # same token, probably
+    if len(pairs) == 0:
+        return repeated
+    fresh, seen = pairs[:, 0], pairs[:, 1]
+    same = torch.isclose(new[0, fresh], old[0, seen], rtol=1e-5, atol=1e-6).all(-1)
+    same &= torch.isclose(new[1, fresh], old[1, seen], rtol=1e-3, atol=1e-3).all(-1)
+    repeated[fresh[same].cpu()] = True
+    return repeated
+
+
 @torch.no_grad()
 def row_scores(model, delta: torch.Tensor) -> torch.Tensor:
     """`[L, n]` float32 on the CPU: in every layer, each new row's rank in `[0, 1]` among the `n` rows by the attention
@@ -172,4 +227,4 @@ def _ranks(values: torch.Tensor) -> torch.Tensor:
     return ranks / max(count - 1, 1) if count > 1 else torch.ones(1)
 
 
-__all__ = ["TrainingFreeRanked", "row_scores"]
+__all__ = ["TrainingFreeRanked", "repeated_rows", "row_scores"]

@@ -49,6 +49,22 @@ def test_each_text_is_written_on_its_own_and_chunks_of_a_text_read_each_other():
     torch.testing.assert_close(after_other.memory[:, -6:], both.memory[:, -6:], rtol=0, atol=1e-6)
 
 
+@torch.no_grad()
+def test_an_opening_that_texts_share_is_read_once():
+    model = ranked(num_blocks=4)
+    state = model.new_memory_state()
+    model.inject([[60, 61, 7], [60, 61, 9], [8, 60, 61]], memory=state)  # the last one has the tokens, not the opening
+    scores, visible = state.scores[:, -9:], model.variant.prefix_written(state)[1:]
+    assert scores[:, 3:5].eq(-1).all() and scores[:, :3].ge(0).all() and scores[:, 5:].ge(0).all()
+    assert visible[-9:].tolist() == [True, True, True, False, False, True, True, True, True]
+    # Reading it equals reading the same rows with the repeated ones never written (masked).
+    plain = MemoryState(state.memory.clone(), True, state.provenance.clone(), state.injections)
+    plain.provenance[:, -6:-4] = -1
+    reference = tiny_model(0, memory_variant="training-free", num_tokens=4, num_blocks=4, max_inject_length=4)
+    ids = torch.tensor([[3, 4, 5]])
+    torch.testing.assert_close(model(ids, memory=state).logits, reference(ids, memory=plain).logits)
+
+
 def test_a_full_memory_drops_the_lowest_scores_per_layer_older_first_among_equals():
     model = ranked()
     layers, rows = model.config.num_hidden_layers, model.config.memory_rows

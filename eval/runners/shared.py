@@ -73,6 +73,11 @@ class Track:
         self.keys = keys.new_zeros(layers, rows, keys.shape[-1]).index_copy_(1, written.to(keys.device), keys)
         self.values = values.new_zeros(layers, rows, values.shape[-1]).index_copy_(1, written.to(keys.device), values)
 
+    def first_last(self) -> torch.Tensor:
+        """`[2, M, d]`: the first and the last layer's rows of the memory this track stands for."""
+        numbers = self.proxy.memory[[0, -1], :, 0].long()
+        return pick_rows(numbers, self.base.memory.shape[1], self.base.memory[[0, -1]], self.shared.rows[[0, -1]])
+
     def state(self):
         """The memory this track stands for, with its reading prefix already cached."""
         shared, own_rows = self.shared, self.base.memory.shape[1]
@@ -99,7 +104,7 @@ class SharedTexts:
 
     def __init__(self, model, texts: list[list[int]]):
         self.model, self.texts, self.variant = model, texts, model.variant
-        self.enabled = hasattr(self.variant, "continues_text") and hasattr(self.variant, "updated")
+        self.enabled = all(hasattr(self.variant, name) for name in ("continues_text", "updated", "marked"))
         self.writes: list[tuple[bool, list]] = []  # per text: (shareable, [(first pool row, rows, scores)])
         self.counts = {"shared": 0, "direct": 0}  # chunk writes taken from the shared rows / computed per memory
         if self.enabled:
@@ -140,11 +145,11 @@ class SharedTexts:
                 direct.append(row)
                 continue
             for first, count, scores in chunks:
-                numbers = torch.arange(first, first + count, dtype=torch.float32) + track.proxy.memory.shape[1]
-                rows = numbers.expand(track.proxy.memory.shape[0], count)[..., None]
-                track.proxy = self.variant.updated(
-                    track.proxy, rows, scores, track.proxy.injections + 1, generators[row]
-                )
+                proxy, new = track.proxy, self.rows[[0, -1], first : first + count]
+                scores = self.variant.marked(track.first_last(), self.variant.visible(proxy), new, scores)
+                numbers = torch.arange(first, first + count, dtype=torch.float32) + proxy.memory.shape[1]
+                rows = numbers.expand(proxy.memory.shape[0], count)[..., None]
+                track.proxy = self.variant.updated(proxy, rows, scores, proxy.injections + 1, generators[row])
             states[row] = None
             self.counts["shared"] += len(chunks)
         if direct:
