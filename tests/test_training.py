@@ -122,6 +122,6 @@ def test_shipped_accelerate_and_training_configs_parse():
     fsdp = yaml.safe_load((folder / "fsdp.yaml").read_text())
     assert fsdp["distributed_type"] == "FSDP"
     assert fsdp["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"] == "LlamaDecoderLayer"
-    for name in ("train_smollm2.yaml", "train_8b.yaml"):
+    for name in ("train_smollm2.yaml", "train_smollm2_ranked.yaml", "train_8b.yaml"):
         parsed = parse_config(["--config", str(folder / name)])
-        assert parsed.steps > 0 and parsed.memory_variant in ("memoryllm-8b", "training-free")
+        assert parsed.steps > 0 and parsed.memory_variant in ("memoryllm-8b", "training-free", "training-free-ranked")
