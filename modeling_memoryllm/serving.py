@@ -94,6 +94,7 @@ def chat_prompt(tokenizer, question: str, answer_prefix: str = "Answer:") -> str
 FRAMINGS = ("chat", "raw")
 CONTEXT_LABEL = "Context: "  # opens an injected text inside the user turn
 QUESTION_LABEL = "\n\nQuestion: "  # a question after an injected text, in the same turn
+TEXT_SEPARATOR = "\n\n"  # before a later text that continues the user turn of the texts before it
 _SLOT = "\x00memoryllm-slot\x00"  # stands for the content when a chat template is split around it
 
 
@@ -115,10 +116,12 @@ class Framing:
     plain_tail: str
     takes_answer_prefix: bool = True
     text_tail: str = ""
+    later_text_head: str | None = None  # before a later text that continues the turn (see `framed_text`)
 
-    def text(self, text: str) -> str:
-        """`text` as it is injected."""
-        return self.text_head + text + self.text_tail
+    def text(self, text: str, later: bool = False) -> str:
+        """`text` as it is injected: the first text of a memory, or (`later`) one that continues the turn."""
+        head = self.later_text_head if later and self.later_text_head is not None else self.text_head
+        return head + text + self.text_tail
 
     def question(self, question: str, answer_prefix: str = "", after_text: bool = True) -> str:
         """The prompt of `question` after injected text (`after_text`), or with no memory."""
@@ -153,7 +156,7 @@ def framing_for(tokenizer, name: "str | Framing | None" = None) -> Framing:
     head, tail = _split_around_slot(chat_prompt(tokenizer, _SLOT, answer_prefix=""))
     if name == "raw":
         return Framing("raw", "", head, tail, head, tail)
-    return Framing("chat", head + CONTEXT_LABEL, QUESTION_LABEL, tail, head, tail)
+    return Framing("chat", head + CONTEXT_LABEL, QUESTION_LABEL, tail, head, tail, later_text_head=TEXT_SEPARATOR)
 
 
 def question_prompt(
@@ -163,17 +166,34 @@ def question_prompt(
     return framing_for(tokenizer, framing).question(question, answer_prefix, after_text)
 
 
+def continues_turn(model, state: MemoryState | None) -> bool:
+    """Whether a text injected now continues the user turn of the texts before it: the memory holds text, and the
+    variant's injections read it (a variant that writes every text apart, `writes_texts_apart`, needs each text
+    with its own opening)."""
+    state = state if state is not None else model.memory_state
+    return state.initialized and not getattr(model.variant, "writes_texts_apart", False)
+
+
+def framed_text(model, state: MemoryState | None, text: str, framing: "str | Framing | None" = None) -> str:
+    """`text` as `inject_framed` writes it into `state` (see `continues_turn`)."""
+    return framing_for(model.tokenizer, framing).text(text, later=continues_turn(model, state))
+
+
 def inject_framed(
     model, state: MemoryState | None, text: str | list[str], framing: "str | Framing | None" = None, **options
 ) -> MemoryState:
-    """Inject `text` (or several texts, each framed on its own, in order) framed by `framing` into `state`
-    (default: the model's own memory); `options` go to `model.inject` (`generator`, `show_progress`)."""
+    """Inject `text` (or several texts, in order) framed by `framing` into `state` (default: the model's own
+    memory): the first text of a memory opens a user turn, a later one continues it where the variant's injections
+    read the texts before (`continues_turn`); `options` go to `model.inject` (`generator`, `show_progress`)."""
     frame = framing_for(model.tokenizer, framing)
     texts = [text] if isinstance(text, str) else list(text)
     for item in texts:
         if not isinstance(item, str) or not item.strip():
             raise ValueError("Cannot inject empty or whitespace-only text.")
-    return model.inject([frame.text(item) for item in texts], memory=state, **options)
+    later = continues_turn(model, state)
+    apart = getattr(model.variant, "writes_texts_apart", False)
+    framed = [frame.text(item, later=later or (index > 0 and not apart)) for index, item in enumerate(texts)]
+    return model.inject(framed, memory=state, **options)
 
 
 # ------------------------------------------------------------------------------------------------------ answers
@@ -283,13 +303,14 @@ def answer_stream(
         yield final
 
 
-def token_chunks(model, text: str, encode: Callable | None = None, framing=None) -> list[list[int]]:
-    """`text`, framed by `framing` (default: the model's, see `framing_for`), as the token-id chunks that
-    `inject_framed` writes one after another (at most `max_inject_length` each). `encode` replaces
-    `model.tokenizer(...)`, as in `answer_stream`."""
+def token_chunks(model, text: str, encode: Callable | None = None, framing=None, state=None) -> list[list[int]]:
+    """`text`, framed by `framing` (default: the model's, see `framing_for`) for `state` (`framed_text`; `None`: an
+    empty memory), as the token-id chunks that `inject_framed` writes one after another (at most
+    `max_inject_length` each). `encode` replaces `model.tokenizer(...)`, as in `answer_stream`."""
     if not text or not text.strip():
         raise ValueError("Cannot inject empty or whitespace-only text.")
-    text = framing_for(model.tokenizer, framing).text(text)
+    later = state is not None and continues_turn(model, state)
+    text = framing_for(model.tokenizer, framing).text(text, later=later)
     ids = (encode or model.tokenizer)(text, add_special_tokens=False)["input_ids"]
     size = model.config.max_inject_length
     return [ids[start : start + size] for start in range(0, len(ids), size)]
@@ -336,7 +357,9 @@ __all__ = [
     "answer",
     "answer_stream",
     "chat_prompt",
+    "continues_turn",
     "finished_answer",
+    "framed_text",
     "framing_for",
     "inject_framed",
     "inject_steps",

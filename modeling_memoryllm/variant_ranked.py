@@ -38,7 +38,14 @@ from .variants import InjectionPlan, TrainingFree, register_variant
 
 DROPS = ("attention", "random")
 SCORES = ("mean", "sum", "window")
-DEFAULT_OPTIONS = {"memory_drop": "attention", "attention_score": "mean", "attention_window": 32, "attention_pool": 1}
+DEFAULT_OPTIONS = {
+    "memory_drop": "attention",
+    "text_context": "own",
+    "attention_score": "mean",
+    "attention_window": 32,
+    "attention_pool": 1,
+}
+CONTEXTS = ("own", "window")
 
 
 @register_variant
@@ -54,20 +61,32 @@ class TrainingFreeRanked(TrainingFree):
         for key, value in DEFAULT_OPTIONS.items():
             if getattr(config, key, None) is None:
                 setattr(config, key, value)
-        if config.memory_drop not in DROPS or config.attention_score not in SCORES:
-            raise ValueError(f"memory_drop must be one of {DROPS} and attention_score one of {SCORES}")
+        choices = ((config.memory_drop, DROPS), (config.attention_score, SCORES), (config.text_context, CONTEXTS))
+        if any(value not in allowed for value, allowed in choices):
+            raise ValueError(
+                f"memory_drop must be one of {DROPS}, attention_score one of {SCORES}, text_context one of {CONTEXTS}"
+            )
         if int(config.attention_pool) < 1 or int(config.attention_pool) % 2 == 0 or int(config.attention_window) < 1:
             raise ValueError("attention_pool must be odd and >= 1, attention_window >= 1")
         config.max_inject_length = min(config.max_inject_length, config.num_tokens)
+
+    @property
+    def writes_texts_apart(self) -> bool:
+        """Whether every text is written on its own (`text_context="own"`): framed texts then each carry their own
+        opening (`serving.continues_turn`)."""
+        return self.config.text_context == "own"
 
     # ---------------------------------------------------------------------------------------------- injection
     def injection_plan(self, initialized: bool, length: int) -> InjectionPlan:
         return InjectionPlan(min(self.config.num_tokens, length), 0, True, True)  # bos is always read
 
     def continues_text(self, state) -> bool:
-        """Whether the next injection continues the last one (which filled a whole chunk), reading its rows."""
+        """Whether the next injection reads rows of the memory: with `text_context="window"` whenever there are any;
+        else when it continues the last one (which filled a whole chunk)."""
         if state.injections == 0:
             return False
+        if self.config.text_context == "window":
+            return True
         return int((state.provenance[0] == state.injections).sum()) == self.config.max_inject_length
 
     def prefix_written(self, state, rows: slice = slice(None)) -> torch.Tensor | None:
@@ -79,6 +98,8 @@ class TrainingFreeRanked(TrainingFree):
                 return None
             return torch.cat([torch.ones(1, dtype=torch.bool), visible]) if self.config.add_bos_embedding else visible
         window = state.provenance[0, rows]
+        if self.config.text_context == "window":
+            return super().prefix_written(state, rows)
         visible = window == state.injections if self.continues_text(state) else torch.zeros_like(window, dtype=bool)
         visible = visible & (window != EMPTY_ROWS)
         return torch.cat([torch.ones(1, dtype=torch.bool), visible]) if self.config.add_bos_embedding else visible

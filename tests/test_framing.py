@@ -104,3 +104,31 @@ def test_answer_is_the_finished_greedy_answer(golden, max_new_tokens):
     assert serving.answer(golden, state, "Where are the herons?", max_new_tokens) == expected
     streamed = list(serving.answer_stream(golden, state, "Where are the herons?", max_new_tokens))
     assert streamed[-1] == expected
+
+
+@torch.no_grad()
+def test_later_texts_continue_the_turn_unless_the_variant_writes_texts_apart(golden):
+    frame = serving.Framing("test", "<<", "?", "!", "", "", text_tail=">>", later_text_head="&")
+    assert serving.framing_for(ChatTokenizer()).text("B", later=True) == "\n\nB"
+    state = golden.new_memory_state()
+    serving.inject_framed(golden, state, ["one", "two"], frame, generator=torch.Generator().manual_seed(0))
+    serving.inject_framed(golden, state, "three", frame, generator=torch.Generator().manual_seed(1))
+    reference = golden.new_memory_state()
+    golden.inject(["<<one>>", "&two>>"], memory=reference, generator=torch.Generator().manual_seed(0))
+    golden.inject("&three>>", memory=reference, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(state.memory, reference.memory)
+    expected = [golden.tokenizer("&four>>")["input_ids"]]
+    assert serving.token_chunks(golden, "four", framing=frame, state=state) == expected
+    from tests.tiny import tiny_model
+
+    apart = tiny_model(0, memory_variant="training-free-ranked", num_tokens=4, num_blocks=3)
+    apart.tokenizer = golden.tokenizer
+    assert serving.framed_text(apart, apart.new_memory_state(), "x", frame) == "<<x>>"
+    written = apart.new_memory_state()
+    apart.inject([5, 6, 7], memory=written)
+    assert not serving.continues_turn(apart, written) and serving.continues_turn(golden, state)
+    assert serving.framed_text(apart, written, "x", frame) == "<<x>>"  # each text keeps its opening
+    calls = []
+    apart.inject = lambda texts, memory=None, **options: calls.append(texts)
+    serving.inject_framed(apart, written, ["a", "b"], frame)
+    assert calls == [["<<a>>", "<<b>>"]]

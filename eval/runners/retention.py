@@ -59,10 +59,11 @@ def select(records: list[dict], subject: common.Subject, args) -> tuple[list[dic
     return eligible[: args.limit], contexts[:needed]
 
 
-def framed_context(subject: common.Subject, text: str, args, frame: Framing) -> tuple[str, list[int]]:
-    """`text` cut to `--context-tokens` tokens, and the token ids of it framed for injection."""
+def framed_context(subject: common.Subject, text: str, args, frame: Framing, later=False) -> tuple[str, list[int]]:
+    """`text` cut to `--context-tokens` tokens, and the token ids of it framed for injection (`later`: after other
+    text, see `serving.continues_turn`)."""
     context = subject.decode(subject.encode(text, special=False)[: args.context_tokens])
-    return context, subject.encode(frame.text(context), special=False)
+    return context, subject.encode(frame.text(context, later=later), special=False)
 
 
 def prepare(subject: common.Subject, records: list[dict], args, frame: Framing) -> list[dict]:
@@ -150,7 +151,8 @@ class Retention(Benchmark):
         args.framing = frame.name
         records = data.retention_records(args.dataset, args.split, args.data_dir)
         chosen, unrelated = select(records, subject, args)
-        run.shared["unrelated"] = [framed_context(subject, text, args, frame)[1] for text in unrelated]
+        later = subject.is_memory and not getattr(subject.model.variant, "writes_texts_apart", False)
+        run.shared["unrelated"] = [framed_context(subject, text, args, frame, later)[1] for text in unrelated]
         if subject.is_memory:
             run.shared["texts"] = SharedTexts(subject.model, run.shared["unrelated"])
         return prepare(subject, chosen, args, frame)

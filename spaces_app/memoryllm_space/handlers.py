@@ -121,11 +121,10 @@ class MemorySpace:
     def inject(self, text: str | None, request: gr.Request, progress=gr.Progress()) -> tuple:  # noqa: B008 (Gradio's idiom)
         text = checked_text(text, self.settings.max_inject_chars)
         session = self.session(request)
-        chunks = token_chunks(self.model, text, encode=gpu.locked(self.model.tokenizer), framing=self.settings.framing)
-        if not chunks:
-            raise gr.Error("Nothing to inject: the text has no tokens.")
         start = time.perf_counter()
         with session.lock:
+            encode, framing = gpu.locked(self.model.tokenizer), self.settings.framing
+            chunks = token_chunks(self.model, text, encode=encode, framing=framing, state=session.state)
             new_state = None
             progress((0, len(chunks)), desc="Injecting", unit="chunks")
             try:
