@@ -45,7 +45,8 @@ DEFAULT_OPTIONS = {
     "attention_window": 32,
     "attention_pool": 1,
 }
-CONTEXTS = ("own", "window")
+CONTEXTS = ("own", "window")  # "own" by default: with "window", the default given the demo passage twice answered
+# every demo question with "The island itself has no trees." (the second copy read the first one's last rows)
 
 
 @register_variant

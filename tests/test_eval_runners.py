@@ -134,7 +134,8 @@ def test_retention_shared_unrelated_contexts_equal_injecting_them(tokenizer_dir,
         monkeypatch.setattr(retention, "SharedTexts", texts)
         out = tmp_path / f"retention-{name}.json"
         argv = golden_args(tokenizer_dir, out) + ["--ks", "0,1,3", "--max-answer-tokens", "12", "--baselines", "none"]
-        argv += ["--memory-options", '{"memory_variant": "training-free-ranked"}', "--context-tokens", "61"]
+        options = '{"memory_variant": "training-free-ranked", "text_context": "own"}'
+        argv += ["--memory-options", options, "--context-tokens", "61"]
         outputs.append(run_cli(["retention", *argv], out))
     assert outputs[0]["config"]["unrelated_chunk_writes"]["shared"] > 0
     assert outputs[1]["config"]["unrelated_chunk_writes"]["shared"] == 0

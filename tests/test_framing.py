@@ -121,7 +121,7 @@ def test_later_texts_continue_the_turn_unless_the_variant_writes_texts_apart(gol
     assert serving.token_chunks(golden, "four", framing=frame, state=state) == expected
     from tests.tiny import tiny_model
 
-    apart = tiny_model(0, memory_variant="training-free-ranked", num_tokens=4, num_blocks=3)
+    apart = tiny_model(0, memory_variant="training-free-ranked", text_context="own", num_tokens=4, num_blocks=3)
     apart.tokenizer = golden.tokenizer
     assert serving.framed_text(apart, apart.new_memory_state(), "x", frame) == "<<x>>"
     written = apart.new_memory_state()

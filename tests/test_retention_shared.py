@@ -11,6 +11,7 @@ from tests.tiny import tiny_model
 def ranked_model(**options):
     torch.manual_seed(0)
     options = dict(memory_variant="training-free-ranked", num_tokens=4, num_blocks=5, max_inject_length=4) | options
+    options.setdefault("text_context", "own")
     model = tiny_model(0, **options)
     model.memory_state.reset()
     return model
@@ -76,3 +77,13 @@ def test_variants_whose_injections_read_older_texts_inject_every_text():
     model.inject(TEXTS[0], memory=reference, generator=torch.Generator().manual_seed(2), show_progress=False)
     torch.testing.assert_close(states[1].memory, reference.memory)  # one batched call for both memories
     assert torch.equal(states[1].provenance, reference.provenance) and shared.counts == {"shared": 0, "direct": 2}
+
+
+def test_a_variant_reading_the_last_rows_shares_nothing():
+    model = ranked_model(text_context="window")
+    shared = SharedTexts(model, TEXTS[:3])
+    assert shared.enabled and all(not shareable for shareable, _ in shared.writes[1:])
+    state = model.new_memory_state()
+    model.inject([60, 61, 32], memory=state)
+    tracks, states = shared.inject(0, [shared.track(state)], [state], [torch.Generator().manual_seed(0)])
+    assert shared.counts == {"shared": 0, "direct": 1} and states[0] is state

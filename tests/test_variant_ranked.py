@@ -15,6 +15,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Injecting fewer than")
 
 def ranked(**options):
     options = dict(memory_variant="training-free-ranked", num_tokens=4, num_blocks=3, max_inject_length=4) | options
+    options.setdefault("text_context", "own")
     model = tiny_model(0, **options)
     model.memory_state.reset()
     return model
@@ -23,9 +24,10 @@ def ranked(**options):
 def test_options_defaults_and_checks():
     config = tiny_config(memory_variant="training-free-ranked", max_inject_length=12)
     assert config.memory_drop == "attention" and config.attention_score == "mean" and config.attention_pool == 1
+    assert config.text_context == "own"
     assert config.max_inject_length == config.num_tokens  # a chunk is stored whole
     assert isinstance(MemoryLLMConfig(**config.to_dict()).variant, TrainingFreeRanked)  # survives a save
-    for bad in ({"memory_drop": "lru"}, {"attention_score": "max"}, {"attention_pool": 2}):
+    for bad in ({"memory_drop": "lru"}, {"attention_score": "max"}, {"attention_pool": 2}, {"text_context": "all"}):
         with pytest.raises(ValueError):
             tiny_config(memory_variant="training-free-ranked", **bad)
     assert not hasattr(tiny_config(memory_variant="training-free"), "memory_drop")  # the released rules: untouched
@@ -157,3 +159,21 @@ def test_reading_a_ranked_memory_is_the_training_free_reading():
     assert isinstance(copy, RankedMemoryState) and torch.equal(copy.scores, state.scores)
     copy.reset()
     assert copy.scores.eq(0).all() and not copy.initialized
+
+
+@torch.no_grad()
+def test_window_context_reads_the_last_rows_as_the_training_free_rule():
+    model = ranked(text_context="window")
+    reference = tiny_model(0, memory_variant="training-free", num_tokens=4, num_blocks=3, max_inject_length=4)
+    states = [model.new_memory_state(), reference.new_memory_state()]
+    model.inject([5, 6, 7], memory=states[0])
+    reference.inject([5, 6, 7], memory=states[1])
+    window = slice(8, 12)
+    assert model.variant.continues_text(states[0]) and not model.variant.writes_texts_apart
+    assert torch.equal(
+        model.variant.prefix_written(states[0], window), reference.variant.prefix_written(states[1], window)
+    )
+    alone = model.new_memory_state()
+    model.inject([40, 41, 42], memory=alone)
+    model.inject([40, 41, 42], memory=states[0])  # reads the text before it: other rows than alone
+    assert not torch.allclose(states[0].memory[:, -3:], alone.memory[:, -3:])

@@ -139,6 +139,9 @@ class Retention(Benchmark):
         parser.add_argument("--max-answer-tokens", type=int, help="keep answers this short (default 3 SQuAD / 4 NQ)")
         parser.add_argument("--max-new-tokens", type=int, default=10)
         parser.add_argument("--framing", choices=FRAMINGS, help="chat (default for chat models) or raw")
+        parser.add_argument(
+            "--inject-each", action="store_true", help="inject the unrelated contexts into every memory (no sharing)"
+        )
 
     def benchmark_id(self, args) -> str:
         return f"retention-{args.dataset}"
@@ -154,7 +157,7 @@ class Retention(Benchmark):
         later = subject.is_memory and not getattr(subject.model.variant, "writes_texts_apart", False)
         run.shared["unrelated"] = [framed_context(subject, text, args, frame, later)[1] for text in unrelated]
         if subject.is_memory:
-            run.shared["texts"] = SharedTexts(subject.model, run.shared["unrelated"])
+            run.shared["texts"] = SharedTexts(subject.model, run.shared["unrelated"], share=not args.inject_each)
         return prepare(subject, chosen, args, frame)
 
     def run_memory(self, run: Run, batch: list[dict]) -> None:

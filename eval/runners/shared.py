@@ -102,9 +102,10 @@ def pick_rows(numbers: torch.Tensor, own_rows: int, own: torch.Tensor, pooled: t
 class SharedTexts:
     """`texts` (token ids) to inject, in order, into many memories of `model`."""
 
-    def __init__(self, model, texts: list[list[int]]):
+    def __init__(self, model, texts: list[list[int]], share: bool = True):
         self.model, self.texts, self.variant = model, texts, model.variant
-        self.enabled = all(hasattr(self.variant, name) for name in ("continues_text", "updated", "marked"))
+        methods = ("continues_text", "updated", "marked")
+        self.enabled = share and all(hasattr(self.variant, name) for name in methods)
         self.writes: list[tuple[bool, list]] = []  # per text: (shareable, [(first pool row, rows, scores)])
         self.counts = {"shared": 0, "direct": 0}  # chunk writes taken from the shared rows / computed per memory
         if self.enabled:
