@@ -45,7 +45,9 @@ def from_backbone(
     Other keyword arguments are `MemoryLLMConfig` memory options (e.g. `max_inject_length`).
     """
     backbone, source = _load_backbone(backbone, dtype)
-    options = {k: v for k, v in backbone.config.to_dict().items() if k not in BACKBONE_ONLY_KEYS}
+    _warn_if_released_memoryllm(backbone)
+    explicit = {"num_tokens", "num_blocks", "memory_variant", "memory_write_rule", "lora_config", *memory_options}
+    options = {k: v for k, v in backbone.config.to_dict().items() if k not in BACKBONE_ONLY_KEYS | explicit}
     variant = canonical_name(memory_options.pop("memory_write_rule", None) or memory_variant)  # legacy name first
     memory_options.setdefault("max_inject_length", num_tokens if variant == TrainingFree.name else 512)
     config = MemoryLLMConfig(
@@ -87,6 +89,19 @@ def copy_backbone_weights(model, backbone: PreTrainedModel) -> None:
         hidden = backbone(torch.tensor([[bos_id]], device=backbone.device), output_hidden_states=True)
         model.bos_embedding.copy_(torch.stack([h[0] for h in hidden.hidden_states[:-1]]))  # inputs of layers
     model.memory_state.reset()
+
+
+def _warn_if_released_memoryllm(backbone) -> None:
+    """A released MemoryLLM-8B or M+ repository says `model_type: "llama"`: `AutoModelForCausalLM` builds a stock
+    Llama from it and drops the memory. Wrapping that in a new memory is almost never what the user wants."""
+    config = backbone.config
+    released = {"MemoryLLM", "MPlus"} & set(config.architectures or ())
+    if released or hasattr(config, "num_ltm_blocks") or hasattr(config, "num_blocks"):
+        logger.warning(
+            "This backbone is a released MemoryLLM checkpoint loaded as a plain Llama, so its trained memory and "
+            "adapters were dropped. Load it with MemoryLLMForCausalLM.from_pretrained(path) or "
+            "modeling_memoryllm.hub.load_released(name) instead."
+        )
 
 
 def _is_memory_parameter(name: str) -> bool:

@@ -6,13 +6,18 @@ those prefix keys/values (`prefix_key_values`), caches the reading prefix on the
 (`reading_prefix`), puts it in front of a cache (`cache_with_prefix`), and gives the text its positions and key mask
 (`text_positions`, `prefixed_mask`). `MemoryPrefixCache` is a `DynamicCache` whose first rows are the prefix: its
 `prefix_length` and `prefix_written` say how many leading rows are memory and which of them attention may see.
+
+Any other transformers cache (`StaticCache`, an offloaded `DynamicCache`, ...) holds the prefix too: it is *adopted*
+(`adopt_cache`: its class becomes the `MemoryCacheMixin` subclass of its own class), so that every cache holding a
+prefix counts only text in `get_seq_length()`, which is what `generate` slices its inputs by when it continues a cache.
 """
 
+import copy
 import threading
 import weakref
 
 import torch
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, StaticCache
 from transformers.models.llama.modeling_llama import rotate_half
 
 from .lora import active_adapter
@@ -140,37 +145,145 @@ class PrefixLayer(DynamicLayer):
         self._adopt()
 
 
-class MemoryPrefixCache(DynamicCache):
+class ReadOnlyPrefixLayer(PrefixLayer):
+    """A layer that reads the prefix but stores nothing: `update` returns `[prefix; new rows]` and leaves the layer as
+    it was. Under gradient checkpointing a decoder layer runs twice (forward, then again in the backward pass), so a
+    cache it may keep must read the same rows both times."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        batch_size = key_states.shape[0]
+        keys = torch.cat([self.keys.expand(batch_size, -1, -1, -1), key_states], dim=-2)
+        values = torch.cat([self.values.expand(batch_size, -1, -1, -1), value_states], dim=-2)
+        return keys, values
+
+
+class MemoryCacheMixin:
+    """
+    What a cache holding the memory prefix adds to its transformers class: the prefix rows are not text.
+
+    `get_seq_length()` counts the cached TEXT tokens (`generate` slices its inputs and numbers its steps by it);
+    `physical_length()` counts every cached row, and the attention mask's query offset is physical. `prefix_length`
+    says how many leading rows are memory, `prefix_written` (`[B, P]` bool, or `None`: all) which of them attention
+    may see; `retrieval` (M+) fills per-query rows at the prefill. A deep copy shares the retrieval (it holds memory
+    states, which the copy does not need) and copies the rest.
+    """
+
+    prefix_length = 0
+    prefix_written: torch.Tensor | None = None
+    retrieval = None
+
+    def physical_length(self, layer_idx: int = 0) -> int:
+        return super().get_seq_length(layer_idx)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return super().get_seq_length(layer_idx) - self.prefix_length
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return self.physical_length(layer_idx)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:  # transformers < 5.18: a positive value is the text length to keep
+            tokens_to_remove += self.prefix_length
+        super().crop(tokens_to_remove)
+
+    def reset(self) -> None:
+        super().reset()
+        self.prefix_length, self.prefix_written = 0, None
+
+    def attach_prefix(self, prefixes: list[SharedPrefix], batch_size: int) -> None:
+        """Start every layer with the prefix of `prefixes[i]` in batch row `i` (one prefix: every row), written
+        through the cache's own `update` (one copy)."""
+        for idx in range(len(prefixes[0].key_buffers)):
+            keys = torch.cat([p.layer(idx)[0] for p in prefixes]).expand(batch_size, -1, -1, -1)
+            values = torch.cat([p.layer(idx)[1] for p in prefixes]).expand(batch_size, -1, -1, -1)
+            self.update(keys, values, idx)
+        self.prefix_length = prefixes[0].length
+        self.prefix_written = written_mask(prefixes, batch_size)
+
+    def __deepcopy__(self, memo):
+        memo[id(self.retrieval)] = self.retrieval
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        new.__dict__.update({name: copy.deepcopy(value, memo) for name, value in self.__dict__.items()})
+        return new
+
+
+class MemoryPrefixCache(MemoryCacheMixin, DynamicCache):
     """
     A `DynamicCache` that starts with the memory prefix (`[bos, memory]` keys/values of every layer).
 
     Created empty (so `generate` sees no past tokens), it is filled by the model on the first forward with
-    `attach_prefix`. `prefix_length` says how many leading rows belong to the memory: positions and attention
-    masks of the text are offset by it; `prefix_written` (`[B, P]` bool, or `None` when every row is read) says
-    which of them attention may see. Batch size 1 leases the prefix buffers of the memory version and writes its
-    tokens after them in place; larger batches (or a buffer already leased) copy the prefix once.
+    `attach_prefix`. Batch size 1 without autograd leases the prefix buffers of the memory version and writes its
+    tokens after them in place; otherwise (or when a buffer is already leased) the prefix is copied once. An
+    offloaded cache (`offloading=True`) keeps transformers' own layers and gets the prefix through `update`.
+    `read_only=True` (gradient checkpointing) stores nothing after the prefix (see `ReadOnlyPrefixLayer`).
     """
 
-    def __init__(self):
-        super().__init__()
-        self.layer_class_to_replicate = PrefixLayer
-        self.prefix_length = 0
-        self.prefix_written: torch.Tensor | None = None
-        self.retrieval = None  # M+: fills the retrieved rows of each layer at the prefill (see variant_mplus)
+    read_only = False
+
+    def __init__(self, read_only: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        if not self.layers:
+            self.layer_class_to_replicate = DynamicLayer if self.offloading else PrefixLayer
+        self.read_only = read_only
 
     def attach_prefix(self, prefixes: list[SharedPrefix], batch_size: int) -> None:
         """Start every layer with the prefix of `prefixes[i]` in batch row `i` (one prefix: every row)."""
-        leased = len(prefixes) == 1 and batch_size == 1 and prefixes[0].try_lease(self)
+        if self.offloading:
+            return super().attach_prefix(prefixes, batch_size)
+        single = len(prefixes) == 1 and batch_size == 1
+        leased = single and not self.read_only and not torch.is_grad_enabled() and prefixes[0].try_lease(self)
+        layer_class = ReadOnlyPrefixLayer if self.read_only else PrefixLayer
+        spare = 0 if self.read_only else SPARE_ROWS
         self.layers = []
         for idx in range(len(prefixes[0].key_buffers)):
-            layer = PrefixLayer()
-            if leased:
+            layer = layer_class()
+            if leased or (single and self.read_only):
                 layer.attach(prefixes[0].key_buffers[idx], prefixes[0].value_buffers[idx], prefixes[0].length)
             else:
-                layer.attach(*_private_buffers([p.layer(idx) for p in prefixes], batch_size), prefixes[0].length)
+                rows = [p.layer(idx) for p in prefixes]
+                layer.attach(*_private_buffers(rows, batch_size, spare), prefixes[0].length)
             self.layers.append(layer)
+        self.layer_class_to_replicate = layer_class
         self.prefix_length = prefixes[0].length
         self.prefix_written = written_mask(prefixes, batch_size)
+
+
+class MemoryStaticCache(MemoryCacheMixin, StaticCache):
+    """A `StaticCache` holding the memory prefix (`generate(cache_implementation="static")` sizes it for the prefix
+    plus the text; one you create needs `max_cache_len` >= prefix rows + prompt + new tokens)."""
+
+
+_MEMORY_CACHE_CLASSES: dict[type, type] = {DynamicCache: MemoryPrefixCache, StaticCache: MemoryStaticCache}
+
+
+def memory_cache_class(cache_class: type) -> type:
+    """The `MemoryCacheMixin` subclass of a transformers cache class (made on first use for classes other than
+    `DynamicCache` and `StaticCache`)."""
+    if issubclass(cache_class, MemoryCacheMixin):
+        return cache_class
+    if cache_class not in _MEMORY_CACHE_CLASSES:
+        name = f"Memory{cache_class.__name__}"
+        _MEMORY_CACHE_CLASSES[cache_class] = type(name, (MemoryCacheMixin, cache_class), {"__module__": __name__})
+    return _MEMORY_CACHE_CLASSES[cache_class]
+
+
+def adopt_cache(cache: Cache) -> MemoryCacheMixin:
+    """`cache` itself, now of the memory-aware subclass of its class (see `MemoryCacheMixin`). Only an empty cache
+    can be adopted: one that already holds rows was filled without the memory and cannot be continued with it."""
+    if isinstance(cache, MemoryCacheMixin):
+        return cache
+    if not isinstance(cache, Cache):
+        raise ValueError(f"The cache must be a transformers Cache, got {type(cache).__name__}.")
+    if cache.get_seq_length() > 0:
+        raise ValueError(
+            f"This {type(cache).__name__} already holds {int(cache.get_seq_length())} rows that were not computed by "
+            "this MemoryLLM (they lack the memory prefix): pass an empty cache, or the cache a MemoryLLM call returned."
+        )
+    cache.__class__ = memory_cache_class(type(cache))
+    if isinstance(cache, MemoryPrefixCache) and not cache.layers:
+        cache.layer_class_to_replicate = DynamicLayer if cache.offloading else PrefixLayer
+    return cache
 
 
 def written_mask(prefixes: list[SharedPrefix], batch_size: int) -> torch.Tensor | None:
@@ -181,11 +294,11 @@ def written_mask(prefixes: list[SharedPrefix], batch_size: int) -> torch.Tensor 
     return torch.stack(rows).expand(batch_size, -1)
 
 
-def _private_buffers(rows: list[tuple[torch.Tensor, torch.Tensor]], batch_size: int):
+def _private_buffers(rows: list[tuple[torch.Tensor, torch.Tensor]], batch_size: int, spare: int = SPARE_ROWS):
     """Buffers `[B, Hkv, P + spare, hd]` holding one prefix per batch row (or the same prefix in every row)."""
     keys = torch.cat([k for k, _ in rows]).expand(batch_size, -1, -1, -1)
     values = torch.cat([v for _, v in rows]).expand(batch_size, -1, -1, -1)
-    return _with_spare(keys, SPARE_ROWS), _with_spare(values, SPARE_ROWS)
+    return _with_spare(keys, spare), _with_spare(values, spare)
 
 
 # ----------------------------------------------------------------------------------------- computing prefixes
@@ -223,23 +336,58 @@ def prefix_key_values(model, memory: torch.Tensor, rows: slice, adapter: str | N
     return keys, values
 
 
+def weights_key(model) -> tuple:
+    """What the reading prefix depends on in the weights, cheaply: the identity, storage and in-place version counter
+    of every tensor of the modules that compute it (rotary embedding, bos rows, each layer's input norm and k/v
+    projections with any adapters on them), and the adapter state of peft layers among them. Any change of those
+    weights (`load_state_dict`, an in-place edit, `.to()`, peft's `disable_adapter`, merging, a new module) changes
+    the key. `weights_version` (bumped by `train()`) covers anything else."""
+    modules = [model.model.rotary_emb]
+    for layer in model.model.layers:
+        modules += [layer.input_layernorm, layer.self_attn.k_proj, layer.self_attn.v_proj]
+    parts: list = [id(model), model.weights_version]
+    if model.bos_embedding is not None:
+        parts.append((model.bos_embedding.data_ptr(), model.bos_embedding._version))
+    for module in modules:
+        parts.append(id(module))
+        parts += [(t.data_ptr(), t._version) for t in (*module.parameters(), *module.buffers())]
+        parts += [_peft_state(sub) for sub in module.modules() if hasattr(sub, "merged_adapters")]
+    return tuple(parts)
+
+
+def _peft_state(layer) -> tuple:
+    """A peft tuner layer's active, disabled and merged adapters."""
+    return tuple(layer.active_adapters), bool(layer.disable_adapters), tuple(layer.merged_adapters)
+
+
 def reading_prefix(model, state) -> SharedPrefix:
     """The prefix that forward/generate read, computed once per memory version (outside training) and cached on
-    the state under a key of everything else it depends on."""
+    the state under a key of everything else it depends on. A memory that is not read (uninitialised) in a batch
+    with memories that are gets a prefix that attention never sees."""
     weight = model.model.embed_tokens.weight
     adapter = model.config.generation_adapter
-    key = (id(model), model.weights_version, weight.device, weight.dtype, adapter)
+    key = (weights_key(model), weight.device, weight.dtype, adapter)
     cached = None if model.training else state.cached_prefix(key)
     if cached is not None:
         return cached
-    with torch.set_grad_enabled(model.training and torch.is_grad_enabled()):
-        keys, values = prefix_key_values(
-            model, state.memory, slice(None), adapter, model.variant.prefix_slots(model.config)
-        )
-    prefix = SharedPrefix(keys, values, written=model.variant.prefix_written(state))
+    if model.variant.reads(state):
+        with torch.set_grad_enabled(model.training and torch.is_grad_enabled()):
+            slots = model.variant.prefix_slots(model.config)
+            keys, values = prefix_key_values(model, state.memory, slice(None), adapter, slots)
+        prefix = SharedPrefix(keys, values, written=model.variant.prefix_written(state))
+    else:
+        prefix = _unread_prefix(model, weight)
     if not model.training:
         state.keep_prefix(key, prefix)
     return prefix
+
+
+def _unread_prefix(model, weight: torch.Tensor) -> SharedPrefix:
+    """A prefix of `P` zero rows, none of which attention may see."""
+    config, attention = model.config, model.model.layers[0].self_attn
+    shape = (1, config.num_key_value_heads, config.prefix_length, attention.head_dim)
+    rows = [weight.new_zeros(shape) for _ in model.model.layers]
+    return SharedPrefix(rows, [r.clone() for r in rows], written=torch.zeros(config.prefix_length, dtype=torch.bool))
 
 
 def injection_prefix(model, state, rows: slice, spare: int) -> SharedPrefix:
@@ -248,43 +396,67 @@ def injection_prefix(model, state, rows: slice, spare: int) -> SharedPrefix:
     return SharedPrefix(keys, values, spare=spare, written=model.variant.prefix_written(state, rows))
 
 
-def cache_with_prefix(model, cache: Cache | None, states, batch_size: int, attention_mask=None):
-    """The cache to run with, holding the memory prefix when the memory is read; and the prefix length. A variant
-    that retrieves per query (M+) gets a `MemoryPrefixCache` whose `retrieval` fills its slots layer by layer."""
-    if cache is not None and cache.get_seq_length() > 0:  # continuing: the prefix is already inside
-        return cache, prefix_of(cache, model, states, batch_size)[0]
-    if not model.variant.reads(states[0]):
-        return cache, 0
+def cache_with_prefix(
+    model, cache: Cache | None, states, batch_size: int, attention_mask=None, read_only=False, use_cache=True
+):
+    """The cache to run with (`cache` adopted, or a new `MemoryPrefixCache`; `None` when no cache is asked for and no
+    memory is read), holding the memory prefix when any memory is read; and the prefix length. A variant that
+    retrieves per query (M+) gets a `MemoryPrefixCache` whose `retrieval` fills its slots layer by layer.
+    `read_only` (gradient checkpointing): a new cache that stores nothing after the prefix (none without a prefix);
+    a cache holding rows cannot be continued then."""
+    reads = any(model.variant.reads(state) for state in states)
+    if read_only:
+        if cache is not None and cache.get_seq_length() > 0:
+            raise ValueError("Under gradient checkpointing in training a cache cannot be continued: pass no cache.")
+        cache = MemoryPrefixCache(read_only=True) if reads else None
+    elif cache is not None or reads or use_cache:
+        cache = adopt_cache(cache) if cache is not None else MemoryPrefixCache()
+    if cache is None or cache.physical_length() > 0 or not reads:  # continuing: the prefix (if any) is inside
+        return cache, prefix_of(cache)[0]
+    check_cache_fits(model, cache, model.config.prefix_length, text_rows=0)
     prefixes = [reading_prefix(model, state) for state in states]
-    if cache is None or isinstance(cache, MemoryPrefixCache):
-        cache = cache if cache is not None else MemoryPrefixCache()
-        cache.attach_prefix(prefixes, batch_size)
-        cache.retrieval = model.variant.retrieval(model, states, attention_mask, batch_size)
-        return cache, cache.prefix_length
-    if model.variant.prefix_slots(model.config):
-        raise ValueError(f"{model.config.memory_variant} retrieves per query: pass no cache or a MemoryPrefixCache.")
-    for idx in range(model.config.num_hidden_layers):  # a cache of another type: fill it (one copy)
-        keys = torch.cat([p.layer(idx)[0] for p in prefixes]).expand(batch_size, -1, -1, -1)
-        values = torch.cat([p.layer(idx)[1] for p in prefixes]).expand(batch_size, -1, -1, -1)
-        cache.update(keys, values, idx)
-    return cache, prefixes[0].length
+    cache.attach_prefix(prefixes, batch_size)
+    cache.retrieval = model.variant.retrieval(model, states, attention_mask, batch_size)
+    return cache, cache.prefix_length
 
 
-def prefix_of(cache: Cache | None, model, states, batch_size: int) -> tuple[int, torch.Tensor | None]:
-    """The prefix length and `[B, P]` written mask of `cache`: a `MemoryPrefixCache` says them itself; for a cache
-    of another type they follow from the memory that is read (the variant's prefix layout)."""
-    if cache is None:
-        return 0, None
-    if isinstance(cache, MemoryPrefixCache):
+def checkpointed(model, states=()) -> bool:
+    """Whether the decoder layers run under gradient checkpointing now (training, with gradients): each layer then
+    runs twice, so the caches they see must be read-only. Reading `states` whose rows carry a graph (`injected`)
+    needs the non-reentrant checkpoint: the reentrant one runs a backward per layer through the shared graph."""
+    layers = model.model.layers
+    active = bool(layers[0].gradient_checkpointing and model.training and torch.is_grad_enabled())
+    if active and getattr(model, "_reentrant_checkpointing", False) and any(s.memory.requires_grad for s in states):
+        raise ValueError(
+            "A gradient through an injected memory needs non-reentrant gradient checkpointing: enable it with "
+            "gradient_checkpointing_kwargs={'use_reentrant': False} (transformers' default)."
+        )
+    return active
+
+
+def check_cache_fits(model, cache: Cache, prefix_rows: int, text_rows: int) -> None:
+    """Raises `ValueError` when `cache` cannot hold `prefix_rows` of memory prefix plus `text_rows` of text, or cannot
+    serve this variant (M+ fills its retrieved rows into a `MemoryPrefixCache` on the model's device)."""
+    if model.variant.prefix_slots(model.config) and (type(cache) is not MemoryPrefixCache or cache.offloading):
+        raise ValueError(
+            f"{model.config.memory_variant} retrieves memory rows per query into the default cache: pass no cache "
+            "(or an empty DynamicCache / MemoryPrefixCache) and no cache_implementation but 'dynamic'; got a "
+            f"{type(cache).__name__}{' with offloading' if getattr(cache, 'offloading', False) else ''}."
+        )
+    capacity = cache.get_max_length() if cache.layers else -1
+    needed = prefix_rows + text_rows
+    if 0 <= capacity < needed:
+        raise ValueError(
+            f"This {type(cache).__name__} holds {capacity} rows, but the memory prefix takes {prefix_rows} and the "
+            f"text up to {text_rows}: create it with max_cache_len >= {needed} (prefix + prompt + new tokens)."
+        )
+
+
+def prefix_of(cache: Cache | None) -> tuple[int, torch.Tensor | None]:
+    """The prefix length and `[B, P]` written mask of `cache` (`0, None` for a cache without the memory)."""
+    if isinstance(cache, MemoryCacheMixin):
         return cache.prefix_length, cache.prefix_written
-    if not model.variant.reads(states[0]):
-        return 0, None
-    masks = [model.variant.prefix_written(state) for state in states]
-    if all(mask is None for mask in masks):
-        return model.config.prefix_length, None
-    length = model.config.prefix_length
-    rows = [mask if mask is not None else torch.ones(length, dtype=torch.bool) for mask in masks]
-    return length, torch.stack(rows).expand(batch_size, -1)
+    return 0, None
 
 
 # ------------------------------------------------------------------------------------- positions and masks
@@ -312,16 +484,24 @@ def prefixed_mask(attention_mask, prefix: tuple[int, torch.Tensor | None], batch
 
 
 __all__ = [
+    "MemoryCacheMixin",
     "MemoryPrefixCache",
+    "MemoryStaticCache",
     "PrefixLayer",
+    "ReadOnlyPrefixLayer",
     "SharedPrefix",
+    "adopt_cache",
     "cache_with_prefix",
+    "check_cache_fits",
+    "checkpointed",
     "injection_prefix",
     "layer_key_values",
+    "memory_cache_class",
     "prefix_key_values",
     "prefix_of",
     "prefixed_mask",
     "reading_prefix",
     "text_positions",
+    "weights_key",
     "written_mask",
 ]

@@ -220,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--private", action="store_true")
     push.set_defaults(run=cmd_push)
     commands.add_parser("train", help="train adapters (see `memoryllm train --help`)", add_help=False)
+    commands.add_parser("serve", help="serve memories with vLLM (see `memoryllm serve --help`)", add_help=False)
     return parser
 
 
@@ -230,6 +231,10 @@ def main(argv: list[str] | None = None) -> int:
 
         train_main(argv[1:])
         return 0
+    if argv[:1] == ["serve"]:  # export, publish and serve with vLLM: memoryllm_vllm's own parser
+        from memoryllm_vllm.cli import main as serve_main
+
+        return serve_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         args.run(args)

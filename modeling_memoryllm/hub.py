@@ -1,4 +1,4 @@
-"""Converting released checkpoints into Hub-ready folders, and uploading them."""
+"""Released checkpoints: loading them by name as they are, converting them into Hub-ready folders, uploading."""
 
 import os
 import pathlib
@@ -7,8 +7,13 @@ import tempfile
 
 import torch
 from transformers import AutoTokenizer
+from transformers.utils import logging
 
+from .configuration_memoryllm import MemoryLLMConfig
 from .modeling_memoryllm import MemoryLLMForCausalLM
+
+
+logger = logging.get_logger(__name__)
 
 
 CARD_TEMPLATE = """---
@@ -38,13 +43,65 @@ One memory takes {layers} x {rows} x {hidden} x {bytes} B = {size_mb:,.0f} MB in
 """
 
 
+# The released checkpoints by short name: their Hub id and the revision to load. The revisions are not pinned: this
+# project's machines have no network to look the commit hashes up; set them here once known (`None`: the newest).
+RELEASED = {
+    "memoryllm-8b": ("YuWangX/memoryllm-8b", None),
+    "memoryllm-8b-chat": ("YuWangX/memoryllm-8b-chat", None),
+    "memoryllm-7b": ("YuWangX/memoryllm-7b", None),
+    "mplus-8b": ("YuWangX/mplus-8b", None),
+}
+
+
+def resolve(name: str) -> tuple[str, str | None]:
+    """`(source, revision)` for a folder, a released short name (`"memoryllm-8b"`, ...) or a Hub id."""
+    if os.path.isdir(name):
+        return name, None
+    if name in RELEASED:
+        return RELEASED[name]
+    return name, None
+
+
+def released_config(source: str, revision: str | None = None) -> MemoryLLMConfig:
+    """The config of a MemoryLLM folder or Hub id as released (`model_type: "llama"` or `"memoryllm"`, no
+    `auto_map`), read as a `MemoryLLMConfig`; for M+, `ltm_initial_size` is taken from the checkpoint's tensors."""
+    config = MemoryLLMConfig.from_pretrained(source, revision=revision)
+    if config.memory_variant == "mplus" and os.path.isdir(source):
+        rows = _tensor_rows(source, "ltm.0")
+        if rows is not None:
+            config.ltm_initial_size = rows
+    return config
+
+
+def _tensor_rows(folder: str, name: str) -> int | None:
+    """The first dimension of tensor `name` in the folder's safetensors files (read from their headers)."""
+    from safetensors import safe_open
+
+    for path in sorted(pathlib.Path(folder).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            if name in handle.keys():
+                return int(handle.get_slice(name).get_shape()[0])
+    return None
+
+
+def load_released(name: str, **kwargs) -> MemoryLLMForCausalLM:
+    """A MemoryLLM from a folder, a released short name or a Hub id, with the memory it was released with. A plain
+    `AutoModelForCausalLM.from_pretrained` of a released MemoryLLM-8B or M+ repository builds a stock Llama and
+    drops the memory (their `config.json` says `model_type: "llama"`, with no `auto_map`): this does not."""
+    source, revision = resolve(name)
+    if revision is None and name in RELEASED:
+        logger.warning("Loading %s at its newest revision: no revision is pinned for it yet.", source)
+    config = released_config(source, revision)
+    return MemoryLLMForCausalLM.from_pretrained(source, config=config, revision=revision, **kwargs)
+
+
 def convert(src: str, dst: str, dtype: torch.dtype | None = None) -> list[str]:
     """Write a Hub-ready copy of the checkpoint folder `src` into `dst` (built aside, then renamed into place)."""
     if not os.path.isdir(src):
         raise ValueError(f"{src} is not a checkpoint folder")
     if os.path.exists(dst) and os.listdir(dst):
         raise ValueError(f"{dst} exists and is not empty")
-    model = MemoryLLMForCausalLM.from_pretrained(src, dtype=dtype or "auto")
+    model = load_released(src, dtype=dtype or "auto")
     parent = pathlib.Path(dst).resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
     staging = pathlib.Path(tempfile.mkdtemp(dir=parent, prefix=".convert-"))

@@ -10,7 +10,7 @@ import torch
 from transformers.masking_utils import create_causal_mask
 from transformers.utils import logging
 
-from .cache_memoryllm import MemoryPrefixCache, injection_prefix, prefixed_mask, text_positions
+from .cache_memoryllm import MemoryPrefixCache, checkpointed, injection_prefix, prefixed_mask, text_positions
 from .lora import active_adapter
 from .memory_state import MemoryState
 from .variants import InjectionPlan
@@ -62,7 +62,7 @@ def _injection_cache(model, states, plan: InjectionPlan, length: int, batch_size
     num_tokens, rows = model.config.num_tokens, model.config.memory_rows
     read = slice(rows - num_tokens, rows - plan.memory_queries)
     prefixes = [injection_prefix(model, state, read, plan.memory_queries + length) for state in states]
-    cache = MemoryPrefixCache()
+    cache = MemoryPrefixCache(read_only=checkpointed(model))  # a checkpointed layer runs twice
     cache.attach_prefix(prefixes, batch_size)
     return cache, (cache.prefix_length, cache.prefix_written)
 

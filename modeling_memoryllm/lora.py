@@ -21,6 +21,22 @@ def active_adapter(name: str | None) -> Iterator[None]:
         _ACTIVE_ADAPTER.reset(token)
 
 
+def keeping_adapter(checkpoint_function):
+    """`checkpoint_function` (gradient checkpointing) that runs a layer under the adapter active when it was first
+    called, also when the backward pass runs it again (outside the `active_adapter` block that chose it)."""
+
+    def checkpointed(function, *args, **kwargs):
+        name = _ACTIVE_ADAPTER.get()
+
+        def under_adapter(*inner_args, **inner_kwargs):
+            with active_adapter(name):
+                return function(*inner_args, **inner_kwargs)
+
+        return checkpoint_function(under_adapter, *args, **kwargs)
+
+    return checkpointed
+
+
 class LoraLinear(nn.Module):
     """
     A linear layer with named LoRA adapters, in PEFT's state-dict layout (`base_layer`, `lora_A.<name>`,
@@ -53,6 +69,19 @@ class LoraLinear(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return self.base_layer.bias
 
+    def merged_weight(self, name: str) -> torch.Tensor:
+        """The base weight with adapter `name` merged in: `W + (alpha / r) * B @ A` (`W` itself for another name)."""
+        weight = self.base_layer.weight
+        if name not in self.lora_A:
+            return weight.detach().clone()
+        delta = self.lora_B[name].weight.float() @ self.lora_A[name].weight.float()
+        return (weight.float() + self.scaling * delta).to(weight.dtype).detach()
+
+    def unload_and_optionally_merge_module(self, merge: bool = True, safe_merge: bool = False, adapter_names=None):
+        """What peft's `merge_and_unload` / `unload` make of this layer: itself, unchanged. Its adapters are part of
+        the model, not peft's (`MemoryLLMForCausalLM.merged_reading_model` merges the reading one)."""
+        return self
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         output = self.base_layer(hidden)
         name = _ACTIVE_ADAPTER.get() or self.default_adapter
@@ -62,4 +91,4 @@ class LoraLinear(nn.Module):
         return output
 
 
-__all__ = ["LoraLinear", "active_adapter"]
+__all__ = ["LoraLinear", "active_adapter", "keeping_adapter"]

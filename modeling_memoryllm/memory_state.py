@@ -1,5 +1,6 @@
 """`MemoryState`: the memory pool of one user or session, as explicit state saved apart from the weights."""
 
+import copy
 import hashlib
 import json
 import os
@@ -199,6 +200,14 @@ class MemoryState:
     def reset(self) -> None:
         """Forget everything: zero rows, never written, uninitialised, no injections."""
         self.assign(torch.zeros_like(self.memory), initialized=False)
+
+    def __deepcopy__(self, memo) -> "MemoryState":
+        """A deep copy of everything but the cached prefix (derived from the memory; the copy computes its own)."""
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        skip = {"_prefix": None}
+        new.__dict__.update({k: skip[k] if k in skip else copy.deepcopy(v, memo) for k, v in self.__dict__.items()})
+        return new
 
     def clone(self) -> "MemoryState":
         copy = MemoryState(self.memory.detach().clone(), self.initialized, self.provenance.clone(), self.injections)

@@ -17,23 +17,19 @@ import shutil
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoTokenizer, initialization
 from transformers.models.llama.modeling_llama import LlamaForCausalLM, LlamaModel, LlamaPreTrainedModel
 
 from .backbone import from_backbone
-from .cache_memoryllm import MemoryPrefixCache, cache_with_prefix, prefix_of, prefixed_mask, text_positions
+from .cache_memoryllm import cache_with_prefix, checkpointed, prefix_of, prefixed_mask, text_positions
 from .configuration_memoryllm import MemoryLLMConfig
+from .export_memoryllm import memory_prefix, merged_reading_model
+from .generation_memoryllm import MemoryGenerationMixin
 from .injection import inject_chunks, injection_pass
-from .lora import LoraLinear, active_adapter
-from .memory_state import MemoryState
-from .validation import (
-    batch_states,
-    check_input_ids,
-    chunked,
-    injection_states,
-    tensor_token_lists,
-    token_lists,
-)
+from .lora import LoraLinear, active_adapter, keeping_adapter
+from .memory_state import EMPTY_ROWS, MemoryState
+from .validation import batch_states, check_input_ids, check_text_mask, chunked, injection_states, token_lists
 from .variants import get_variant
 
 
@@ -45,6 +41,8 @@ REMOTE_CODE_FILES = (
     "modeling_memoryllm.py",
     "memory_state.py",
     "cache_memoryllm.py",
+    "generation_memoryllm.py",
+    "export_memoryllm.py",
     "variants.py",
     "variant_memoryllm7b.py",
     "variant_mplus.py",
@@ -80,6 +78,11 @@ class MemoryLLMPreTrainedModel(LlamaPreTrainedModel):
                 initialization.normal_(module.bos_embedding, mean=0.0, std=std)
             initialization.zeros_(module.initialized)
 
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=checkpoint, **kwargs):
+        """transformers' switch, with a checkpoint function that recomputes a layer under the adapter it ran with."""
+        self._reentrant_checkpointing = bool(getattr(gradient_checkpointing_func, "keywords", {}).get("use_reentrant"))
+        super()._set_gradient_checkpointing(enable, keeping_adapter(gradient_checkpointing_func), **kwargs)
+
 
 class MemoryLLMModel(MemoryLLMPreTrainedModel, LlamaModel):
     """`LlamaModel` whose LoRA target projections are `LoraLinear` modules (PEFT's names, so released weights load)."""
@@ -91,6 +94,8 @@ class MemoryLLMModel(MemoryLLMPreTrainedModel, LlamaModel):
         if config.lora_config is not None:
             self._add_lora(config)
             self.post_init()
+        for layer in self.layers:  # under gradient checkpointing the model passes only read-only prefix caches
+            layer._can_checkpoint_with_cache = True
 
     def _add_lora(self, config: MemoryLLMConfig) -> None:
         targets = set(config.lora_config["target_modules"])
@@ -102,6 +107,27 @@ class MemoryLLMModel(MemoryLLMPreTrainedModel, LlamaModel):
                         setattr(parent, name, lora)
 
 
+# Config key of the rows of the model's own memory never written (`[[start, stop], ...]`, the same in every layer).
+UNWRITTEN_ROWS = "memory_unwritten_rows"
+
+
+def unwritten_ranges(state: MemoryState) -> list[list[int]] | None:
+    """`[[start, stop], ...]`: the runs of rows of `state` never written (`None`: every row holds something)."""
+    written = state.written_rows()
+    if written is None or not state.initialized:
+        return None
+    flags = [False, *(not w for w in written.tolist()), False]
+    edges = [i for i in range(1, len(flags)) if flags[i] != flags[i - 1]]
+    return [[edges[i] - 1, edges[i + 1] - 1] for i in range(0, len(edges), 2)]
+
+
+def mark_unwritten(state: MemoryState, ranges: list[list[int]] | None) -> None:
+    """Mark the rows in `ranges` (see `unwritten_ranges`) of an initialised `state` as never written."""
+    if state.initialized:
+        for start, stop in ranges or ():
+            state.provenance[:, start:stop] = EMPTY_ROWS
+
+
 def pop_cache_argument(kwargs: dict):
     """The cache, whichever name it was passed under (`cache` or `past_key_values`)."""
     cache = kwargs.pop("cache", None)
@@ -111,7 +137,7 @@ def pop_cache_argument(kwargs: dict):
 
 # A little over 200 lines: it is the whole public API (reading, injection, tokenizer, saving), each method a thin
 # call into injection.py, cache_memoryllm.py, validation.py or backbone.py.
-class MemoryLLMForCausalLM(MemoryLLMPreTrainedModel, LlamaForCausalLM):
+class MemoryLLMForCausalLM(MemoryGenerationMixin, MemoryLLMPreTrainedModel, LlamaForCausalLM):
     """
     A Llama causal LM with a memory pool per layer. `inject(text)` writes to the memory; `forward` and `generate`
     read it. Every call takes an optional `memory=` `MemoryState` (default: the model's own, `model.memory_state`).
@@ -135,6 +161,7 @@ class MemoryLLMForCausalLM(MemoryLLMPreTrainedModel, LlamaForCausalLM):
         self._tokenizer = None
         self.weights_version = 0  # bumped by train(): prefixes cached before training are stale
         self.variant.build(self)
+        self._frozen_parameters = {name for name, param in self.named_parameters() if not param.requires_grad}
         self.post_init()
 
     @property
@@ -149,7 +176,10 @@ class MemoryLLMForCausalLM(MemoryLLMPreTrainedModel, LlamaForCausalLM):
         """The model's own memory (the `memory` parameter and `initialized` buffer, updated in place)."""
         state = self._own_memory_state
         if state is None or not state.is_bound_to(self.memory, self.initialized):
+            fresh = state is None
             state = self.variant.bind_state(self, like=state)
+            if fresh:  # rows never written before `save_pretrained` (see there)
+                mark_unwritten(state, getattr(self.config, UNWRITTEN_ROWS, None))
             self._own_memory_state = state
         return state
 
@@ -166,6 +196,16 @@ class MemoryLLMForCausalLM(MemoryLLMPreTrainedModel, LlamaForCausalLM):
     def train(self, mode: bool = True):
         self.weights_version += 1
         return super().train(mode)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`; the memory (and M+'s long-term memory) stays out of training, as in a
+        model built with `from_backbone` (loading makes every floating-point parameter trainable)."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        for name, param in model.named_parameters():
+            param.requires_grad_(param.requires_grad and name not in model._frozen_parameters)
+        return loaded
 
     # ---------------------------------------------------------------------------------------------------- reading
     def forward(
@@ -190,41 +230,30 @@ class MemoryLLMForCausalLM(MemoryLLMPreTrainedModel, LlamaForCausalLM):
         cache = pop_cache_argument(kwargs)
         tokens = input_ids if input_ids is not None else inputs_embeds
         batch_size, query_length = tokens.shape[:2]
-        states = batch_states(memory, self.memory_state, batch_size, self.config)
+        states = batch_states(memory, self.memory_state, batch_size, self.config, mixed=True)
+        read_only = checkpointed(self, states)
         with active_adapter(self.config.generation_adapter):
-            cache, prefix_length = cache_with_prefix(self, cache, states, batch_size, attention_mask)
-            past_length = cache.get_seq_length() if cache is not None else 0
+            cache, prefix_length = cache_with_prefix(
+                self, cache, states, batch_size, attention_mask, read_only, use_cache is not False
+            )
+            past_length = cache.physical_length() if cache is not None else 0
             positions = text_positions(attention_mask, past_length, prefix_length, query_length, tokens.device)
             text_length = past_length - prefix_length + query_length
-            if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] != text_length:
-                raise ValueError(
-                    f"attention_mask covers {attention_mask.shape[1]} tokens but the text has {text_length}: the mask "
-                    "covers the text only (past and new tokens), not the memory rows."
-                )
-            prefix = prefix_of(cache, self, states, batch_size)
+            check_text_mask(attention_mask, text_length)
             outputs = super().forward(
                 input_ids=input_ids,
-                attention_mask=prefixed_mask(attention_mask, prefix, batch_size, text_length),
+                attention_mask=prefixed_mask(attention_mask, prefix_of(cache), batch_size, text_length),
                 position_ids=positions,
                 inputs_embeds=inputs_embeds,
                 labels=labels,
-                use_cache=True if cache is not None else use_cache,
+                use_cache=cache is not None and not read_only,
                 logits_to_keep=logits_to_keep,
                 **{CACHE_KWARG: cache},
                 **kwargs,
             )
-        if use_cache is False:
-            setattr(outputs, CACHE_KWARG, None)
+        if use_cache is False or read_only:  # no cache in the output (not even a key that is None)
+            outputs = type(outputs)(**{key: value for key, value in outputs.items() if key != CACHE_KWARG})
         return outputs
-
-    def generate(self, inputs: torch.Tensor | None = None, memory=None, **kwargs):
-        """`GenerationMixin.generate`, reading `memory` (default: the model's own) through a prefix cache."""
-        ids = inputs if inputs is not None else kwargs.get("input_ids")
-        if isinstance(ids, torch.Tensor):
-            tensor_token_lists(ids, self.config.vocab_size)  # clear errors for bad ids
-        if pop_cache_argument(dict(kwargs)) is None and kwargs.get("use_cache", True):
-            kwargs[CACHE_KWARG] = MemoryPrefixCache()
-        return super().generate(inputs, memory=memory, **kwargs)
 
     # -------------------------------------------------------------------------------------------------- injection
     def compute_delta(
@@ -308,8 +337,11 @@ class MemoryLLMForCausalLM(MemoryLLMPreTrainedModel, LlamaForCausalLM):
     def _tokenize(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    # ------------------------------------------------------------------------------------------ backbones, saving
+    # ---------------------------------------------------------------------------------- backbones, saving, export
     from_backbone = classmethod(from_backbone)
+
+    merged_reading_model = merged_reading_model  # a plain Llama with the reading adapter merged (export_memoryllm.py)
+    memory_prefix = memory_prefix  # the prefix keys/values a memory puts in front of every query, for that Llama
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
         """`PreTrainedModel.save_pretrained`, plus the remote-code files and an `auto_map` for `trust_remote_code`."""
@@ -319,6 +351,8 @@ class MemoryLLMForCausalLM(MemoryLLMPreTrainedModel, LlamaForCausalLM):
             "AutoModelForCausalLM": "modeling_memoryllm.MemoryLLMForCausalLM",
         }
         self.config.architectures = [type(self).__name__]
+        if self._own_memory_state is not None:  # the model's own never-written rows, which the weights cannot say
+            setattr(self.config, UNWRITTEN_ROWS, unwritten_ranges(self._own_memory_state))
         result = super().save_pretrained(save_directory, *args, **kwargs)
         here = os.path.dirname(os.path.abspath(__file__))
         for name in REMOTE_CODE_FILES:

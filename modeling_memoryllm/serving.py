@@ -55,7 +55,8 @@ def pad_token_id(tokenizer) -> int:
 def load_model(source: str | None = None, dtype: str | torch.dtype | None = None, device=None):
     """
     A MemoryLLM by name: `None` / `"default"` (the embedded default), a `.gguf` file (a training-free MemoryLLM on
-    it), or a MemoryLLM folder or Hub id. The tokenizer is attached as `model.tokenizer` when one is found.
+    it), a MemoryLLM folder, a released short name (`hub.RELEASED`) or a Hub id, loaded as released. The tokenizer
+    is attached as `model.tokenizer` when one is found.
     """
     torch_dtype = resolve_dtype(dtype)
     if source in DEFAULT_NAMES:
@@ -64,10 +65,12 @@ def load_model(source: str | None = None, dtype: str | torch.dtype | None = None
         model = load_default(dtype=torch_dtype)
     elif os.fspath(source).endswith(".gguf"):
         model = MemoryLLMForCausalLM.from_backbone(source, dtype=torch_dtype)
-    else:
-        model = MemoryLLMForCausalLM.from_pretrained(source, dtype=torch_dtype)
+    else:  # a folder, a released short name ("memoryllm-8b", ...) or a Hub id, loaded as released
+        from .hub import load_released, resolve
+
+        model = load_released(source, dtype=torch_dtype)
         try:
-            model.tokenizer = AutoTokenizer.from_pretrained(source)
+            model.tokenizer = AutoTokenizer.from_pretrained(resolve(source)[0])
         except (OSError, ValueError):
             logger.warning("No tokenizer found for %s: token-id inputs still work.", source)
     model = model.to(device) if device is not None else model

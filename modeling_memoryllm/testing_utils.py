@@ -33,16 +33,20 @@ class Preset:
     random_memory: bool = True
 
 
+# The smallest shape: 2 layers of width 32, 4 rows per injection, 12 memory rows (the tests' and the soak's).
+TINY_SHAPE = dict(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_tokens=4,
+    num_blocks=3,
+)
 TESTS = Preset(
     dict(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_tokens=4,
-        num_blocks=3,
+        **TINY_SHAPE,
         max_inject_length=12,
         **SPECIAL_IDS,
         lora_config=TINY_LORA,
@@ -71,14 +75,7 @@ BENCH = Preset(
 )
 # What the soak changes on the bench preset (the soak reports these, less `lora_config`, as its config).
 SOAK_OVERRIDES = dict(
-    vocab_size=97,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    num_tokens=4,
-    num_blocks=3,
+    **TINY_SHAPE,
     max_inject_length=16,
     memory_variant="memoryllm-8b",
     lora_config=TINY_LORA,

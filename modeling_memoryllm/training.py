@@ -10,8 +10,8 @@ Each step samples one objective (weights in `TrainConfig`):
 2. `continuous`: inject x1..xn in order, predict x(n+1).
 3. `forget`: inject x1, then unrelated chunks from another book, predict x1's continuation.
 
-Run `memoryllm train --help`, or `accelerate launch -m modeling_memoryllm.training --config train.yaml` on GPUs
-(see `accelerate_configs/` for DeepSpeed ZeRO-2 and FSDP).
+Run `memoryllm train --help`, or `accelerate launch --num_processes N -m modeling_memoryllm.training --config
+train.yaml` for data parallel on several GPUs or CPUs (`accelerate_configs/multi_gpu.yaml`; see `prepare`).
 """
 
 import dataclasses
@@ -21,6 +21,7 @@ import math
 import os
 import pathlib
 import random
+import sys
 import time
 
 import torch
@@ -61,7 +62,8 @@ class TrainConfig:
     steps: int = 1000
     learning_rate: float = 1e-4
     weight_decay: float = 0.0
-    gradient_accumulation_steps: int = 1
+    batch_size: int = 1  # samples per optimizer step, over all processes (each process takes its share)
+    gradient_accumulation_steps: int = 1  # multiplies the samples per step
     mixed_precision: str = "no"
     weight_incorporate: float = 1.0
     weight_continuous: float = 1.0
@@ -75,13 +77,10 @@ class TrainConfig:
     save_every: int = 200
     seed: int = 0
     resume: bool = True
+    save_gradients_at: int = 0  # write the averaged gradients of this step to `gradients.safetensors` (checks)
 
 
 # ----------------------------------------------------------------------------------------------------------- data
-def read_books(path: str) -> list[str]:
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        return [json.loads(line)["text"] for line in handle if line.strip()]
 
 
 class ChunkSampler:
@@ -232,29 +231,42 @@ def train(
     """Train; returns the log (a list of dicts). Writes checkpoints, `train_log.jsonl` and `loss.png`.
     `model`, tokenized `books` or a ready `sampler` replace what `config` would load."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, set_seed
+    from accelerate.utils import set_seed
 
     set_seed(config.seed)
-    accelerator = Accelerator(
-        mixed_precision=config.mixed_precision,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-    )
+    accelerator = Accelerator(mixed_precision=config.mixed_precision)
     model = model if model is not None else prepare_model(config)
     freeze_backbone(model, config.trainable)
     if sampler is None:
         books = books if books is not None else tokenize_books(model, config.corpus)
-        sampler = ChunkSampler(books, config.chunk_length, config.seed + accelerator.process_index)
-    params = [p for p in model.parameters() if p.requires_grad]
+        sampler = ChunkSampler(books, config.chunk_length, config.seed)
+    core = model.to(accelerator.device)
+    params = [p for p in core.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    core = accelerator.unwrap_model(model)
+    optimizer = prepare(accelerator, optimizer)
     output = pathlib.Path(config.output_dir)
     start = resume_step(output / "checkpoint", core, optimizer) if config.resume else 0
     heldout = None
     if config.eval_every and os.path.exists(config.heldout):
         heldout = ChunkSampler(tokenize_books(core, config.heldout), config.chunk_length, config.seed)
     return run_steps(config, core, optimizer, accelerator, sampler, output, start, heldout)
+
+
+def prepare(accelerator, optimizer):
+    """The optimizer to step. Runs are plain data parallel (`accelerate launch --num_processes N`, CPU or GPU), not
+    wrapped in DDP: injection runs outside `forward`, where DDP's hooks cannot see it, so every process computes its
+    share of one global batch and the gradients are averaged explicitly (`average_gradients`). FSDP and DeepSpeed
+    are refused: FSDP gathers its sharded parameters only inside the wrapped forward (injection calls the decoder
+    layers directly), and DeepSpeed's engine steps at its own accumulation boundaries, which this loop does not
+    drive. Only the adapters train, so every process holds the whole model (the 8B fits one 80 GB GPU in bf16)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise ValueError(
+            f"The trainer runs plain data parallel, not {accelerator.distributed_type.value}: launch with "
+            "`accelerate launch --num_processes N` (see accelerate_configs/multi_gpu.yaml)."
+        )
+    return accelerator.prepare(optimizer)
 
 
 def resume_step(folder: pathlib.Path, model, optimizer) -> int:
@@ -265,25 +277,57 @@ def resume_step(folder: pathlib.Path, model, optimizer) -> int:
     return step
 
 
+def step_samples(config: TrainConfig, step: int) -> list[tuple[str, int]]:
+    """The global batch of step `step`: `(objective, seed)` per sample, the same in every process."""
+    rng = random.Random(config.seed * 1_000_003 + step)
+    count = config.batch_size * config.gradient_accumulation_steps
+    return [(pick_objective(config, rng), rng.randrange(2**62)) for _ in range(count)]
+
+
+def batch_loss(model, samples: list[tuple[str, int]], sampler: ChunkSampler, config, accelerator) -> torch.Tensor:
+    """Backpropagates this process's share of `samples`, each weighted 1 / len(samples); returns its loss sum."""
+    total = torch.zeros((), device=accelerator.device)
+    for objective, seed in samples[accelerator.process_index :: accelerator.num_processes]:
+        sampler.random = random.Random(seed)  # a sample is the same whichever process computes it
+        loss = objective_loss(model, objective, sampler, config, torch.Generator().manual_seed(seed)) / len(samples)
+        accelerator.backward(loss)
+        total = total + loss.detach()
+    return total
+
+
+def average_gradients(params: list[torch.Tensor], loss: torch.Tensor, accelerator) -> float:
+    """Sum every process's gradients (each already weighted by 1 / global batch) and losses: the global mean."""
+    if accelerator.num_processes > 1:
+        for param in params:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            param.grad = accelerator.reduce(param.grad, reduction="sum")
+        loss = accelerator.reduce(loss, reduction="sum")
+    return float(loss)
+
+
 def run_steps(config, model, optimizer, accelerator, sampler, output, start: int, heldout=None) -> list[dict]:
     generator = torch.Generator().manual_seed(config.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
     log, started = [], time.perf_counter()
     model.train()
     for step in range(start, config.steps):
-        name = pick_objective(config, sampler.random)
-        with accelerator.accumulate(model):
-            loss = objective_loss(model, name, sampler, config, generator)
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad()
-        record = {"step": step + 1, "objective": name, "loss": loss.item(), "seconds": time.perf_counter() - started}
+        samples = step_samples(config, step)
+        loss = average_gradients(params, batch_loss(model, samples, sampler, config, accelerator), accelerator)
+        if step + 1 == config.save_gradients_at and accelerator.is_main_process:
+            save_gradients(output, model)
+        optimizer.step()
+        optimizer.zero_grad()
+        names = ",".join(sorted({name for name, _ in samples}))
+        record = {"step": step + 1, "objective": names, "loss": loss, "processes": accelerator.num_processes}
+        record["seconds"] = time.perf_counter() - started
         log.append(record)
         if heldout is not None and (step + 1) % config.eval_every == 0:
             model.eval()
             record["heldout_ppl"] = heldout_perplexity(model, heldout, config.eval_batches, generator)
             model.train()
         if (step + 1) % config.log_every == 0:
-            logger.info("step %d %s loss %.4f", step + 1, name, record["loss"])
+            logger.info("step %d %s loss %.4f", step + 1, names, record["loss"])
         if accelerator.is_main_process and ((step + 1) % config.save_every == 0 or step + 1 == config.steps):
             save_checkpoint(output / "checkpoint", model, optimizer, step + 1, config)
     model.eval()
@@ -292,8 +336,24 @@ def run_steps(config, model, optimizer, accelerator, sampler, output, start: int
     return log
 
 
+def save_gradients(output: pathlib.Path, model) -> None:
+    from safetensors.torch import save_file
+
+    output.mkdir(parents=True, exist_ok=True)
+    grads = {n: p.grad.detach().float().cpu().contiguous() for n, p in model.named_parameters() if p.grad is not None}
+    save_file(grads, output / "gradients.safetensors")
+
+
 def tokenize_books(model, path: str) -> list[list[int]]:
-    return [model.tokenizer(text, add_special_tokens=False)["input_ids"] for text in read_books(path)]
+    """Token ids of every book: a record's `input_ids` when it has them (a pre-tokenized corpus), else its `text`."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as handle:
+        records = [json.loads(line) for line in handle if line.strip()]
+    return [r["input_ids"] if "input_ids" in r else _tokens(model, r["text"]) for r in records]
+
+
+def _tokens(model, text: str) -> list[int]:
+    return model.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def write_log(output: pathlib.Path, log: list[dict]) -> None:
@@ -314,8 +374,10 @@ def plot_losses(log: list[dict], path: pathlib.Path) -> None:
         logger.warning("matplotlib is not installed: no loss plot.")
         return
     figure, axis = plt.subplots(figsize=(7, 4))
-    for name in OBJECTIVES:
-        points = [(r["step"], r["loss"]) for r in log if r["objective"] == name]
+    for name in (*OBJECTIVES, "mixed"):  # "mixed": a batch of several objectives
+        points = [
+            (r["step"], r["loss"]) for r in log if r["objective"] == name or name == "mixed" and "," in r["objective"]
+        ]
         if points:
             axis.plot(*zip(*points), ".", alpha=0.4, label=name)
     axis.set(xlabel="step", ylabel="loss", title="MemoryLLM training loss per objective")
@@ -344,7 +406,7 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    config = parse_config(argv)
+    config = parse_config(sys.argv[1:] if argv is None else argv)
     log = train(config)
     logger.warning("Trained %d steps; last loss %.4f; outputs in %s", len(log), log[-1]["loss"], config.output_dir)
 

@@ -72,6 +72,15 @@ def check_input_ids(input_ids, vocab_size: int) -> None:
     tensor_token_lists(input_ids, vocab_size)
 
 
+def check_text_mask(attention_mask, text_length: int) -> None:
+    """A 2-D `attention_mask` covers the text only: past and new tokens, not the memory rows."""
+    if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] != text_length:
+        raise ValueError(
+            f"attention_mask covers {attention_mask.shape[1]} tokens but the text has {text_length}: the mask "
+            "covers the text only (past and new tokens), not the memory rows."
+        )
+
+
 def check_state(state, config) -> None:
     """`state` is a memory state of the shape `config` asks for."""
     if not isinstance(state, MemoryState):
@@ -86,8 +95,9 @@ def check_state(state, config) -> None:
         raise ValueError(f"A memory of shape {tuple(state.memory.shape)} does not fit this model {expected}.")
 
 
-def batch_states(memory, own_state, batch_size: int, config) -> list[MemoryState]:
-    """One state for the whole batch, or one per row (default: `own_state`); all initialised or all not."""
+def batch_states(memory, own_state, batch_size: int, config, mixed: bool = False) -> list[MemoryState]:
+    """One state for the whole batch, or one per row (default: `own_state`); all initialised or all not, unless
+    `mixed` (reading: a memory that is not read gets a prefix that attention never sees)."""
     if memory is None:
         states = [own_state]
     elif isinstance(memory, MemoryState):
@@ -100,7 +110,7 @@ def batch_states(memory, own_state, batch_size: int, config) -> list[MemoryState
         raise ValueError(f"memory must be a MemoryState or a list of them, got {type(memory).__name__}.")
     for state in states:
         check_state(state, config)
-    if len({s.initialized for s in states}) > 1:
+    if not mixed and len({s.initialized for s in states}) > 1:
         raise ValueError("Memory states in one batch must be all initialised or all uninitialised.")
     return states
 
@@ -116,4 +126,12 @@ def injection_states(token_chunks: list, states: list[MemoryState], multiple: bo
     return token_chunks if multiple else [[chunk for chunks in token_chunks for chunk in chunks]]
 
 
-__all__ = ["MIN_TRAINED_TOKENS", "batch_states", "check_input_ids", "check_state", "chunked", "token_lists"]
+__all__ = [
+    "MIN_TRAINED_TOKENS",
+    "batch_states",
+    "check_input_ids",
+    "check_state",
+    "check_text_mask",
+    "chunked",
+    "token_lists",
+]

@@ -49,6 +49,15 @@ class MPlus(MemoryLLM8B):
         return "num_ltm_blocks" in raw or "MPlus" in (raw.get("architectures") or ())
 
     @classmethod
+    def adapt_config(cls, config) -> None:
+        """Only the released `update_ltm_mode="immediate"` exists (the original fails on any other value later)."""
+        mode = getattr(config, "update_ltm_mode", "immediate")
+        if mode != "immediate":
+            raise ValueError(f"M+ supports update_ltm_mode='immediate' only (the released mode), got {mode!r}.")
+        if config.num_ltm_blocks >= config.num_blocks:
+            raise ValueError("num_blocks counts short- and long-term blocks: it must exceed num_ltm_blocks.")
+
+    @classmethod
     def memory_rows(cls, config) -> int:
         return (config.num_blocks - config.num_ltm_blocks) * config.num_tokens
 

@@ -38,7 +38,14 @@ LLAMA_3_8B = {
     "add_bos_embedding": True,
     "drop_memory_per_layer": True,
     "add_decoder_lora": True,
-    "lora_config": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": LORA_TARGETS},
+    # the released values: dropout 0.1 (identity at inference) and `inference_mode`, which the original reads
+    "lora_config": {
+        "r": 16,
+        "lora_alpha": 32,
+        "lora_dropout": 0.1,
+        "inference_mode": True,
+        "target_modules": LORA_TARGETS,
+    },
     "max_inject_length": 512,
     "memory_variant": "memoryllm-8b",
 }
@@ -105,6 +112,25 @@ VARIANTS = {
         "license": "llama2",
         "base_model": "meta-llama/Llama-2-7b-hf",
     },
+    "mplus-8b": {
+        "config": {
+            **{k: v for k, v in LLAMA_3_8B.items() if k != "max_position_embeddings"},
+            "max_position_embeddings": 131072,
+            "eos_token_id": [128001, 128008, 128009],
+            "memory_variant": "mplus",
+            "num_ltm_blocks": 10,
+            "selector_hidden_dim": 256,
+            "num_selector_layers": 2,
+            "ltm_initial_size": 0,
+            "update_ltm_frequency": 60,
+            "decay_frequency": 1,
+            "initial_rf_when_moving_stm_to_ltm": 10,
+        },
+        "rope": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0},
+        "generation": {"bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009], "pad_token_id": 128001},
+        "license": "llama3.1",
+        "base_model": "meta-llama/Llama-3.1-8B",
+    },
     "smollm2-135m-memoryllm": {
         "config": {
             "vocab_size": 49152,
@@ -141,9 +167,23 @@ def folder(name: str) -> pathlib.Path:
     return HUB_CONFIGS / name
 
 
+def memory_rows(spec: dict) -> int:
+    """M: rows read whole (M+: the short-term memory, `num_blocks - num_ltm_blocks` blocks)."""
+    return spec["num_tokens"] * (spec["num_blocks"] - spec.get("num_ltm_blocks", 0))
+
+
 def memory_values(spec: dict) -> int:
     """L * M * d: the values in one memory."""
-    return spec["num_hidden_layers"] * spec["num_tokens"] * spec["num_blocks"] * spec["hidden_size"]
+    return spec["num_hidden_layers"] * memory_rows(spec) * spec["hidden_size"]
+
+
+def retriever_parameters(spec: dict) -> int:
+    """M+: query, key and encoder-query projectors (d -> 2s -> s) per layer, and the LTM parameters."""
+    if "num_ltm_blocks" not in spec:
+        return 0
+    d, width, layers = spec["hidden_size"], spec["selector_hidden_dim"], spec["num_hidden_layers"]
+    ltm = spec["ltm_initial_size"] * (d + width + 2)
+    return layers * (3 * (d * 2 * width + 2 * width * width) + ltm)
 
 
 def llama_parameters(spec: dict) -> int:
@@ -190,7 +230,7 @@ def check_config(config, name: str) -> None:
     for key, value in expected["config"].items():
         assert getattr(config, key) == value, key
     spec = expected["config"]
-    assert config.memory_rows == spec["num_tokens"] * spec["num_blocks"]
+    assert config.memory_rows == memory_rows(spec)
     assert config.head_dim == spec["hidden_size"] // spec["num_attention_heads"]
     assert config.dtype == expected.get("dtype", torch.bfloat16)
     assert config.architectures == ["MemoryLLMForCausalLM"]
@@ -245,14 +285,16 @@ def test_parameter_count_on_meta_device(name):
     params = dict(model.named_parameters())  # tied weights appear once
     lora = sum(p.numel() for n, p in params.items() if ".lora_A." in n or ".lora_B." in n)
     memory = sum(p.numel() for n, p in params.items() if n in ("memory", "bos_embedding", "new_memory_positional_emb"))
-    llama = sum(p.numel() for p in params.values()) - lora - memory
+    retriever = sum(p.numel() for n, p in params.items() if "query_proj." in n or "key_proj." in n)
+    retriever += sum(p.numel() for n, p in params.items() if n.startswith(("ltm.", "ltm_")))
+    llama = sum(p.numel() for p in params.values()) - lora - memory - retriever
 
     assert model.memory.shape == (spec["num_hidden_layers"], config.memory_rows, spec["hidden_size"])
     assert model.bos_embedding.shape == (spec["num_hidden_layers"], 1, spec["hidden_size"])
     assert lora == lora_parameters(spec) and (lora > 0) == (spec["lora_config"] is not None)
     assert memory == memory_parameters(spec)
-    assert llama == llama_parameters(spec)
-    total = llama_parameters(spec) + lora_parameters(spec) + memory_parameters(spec)
+    assert llama == llama_parameters(spec) and retriever == retriever_parameters(spec)
+    total = llama_parameters(spec) + lora_parameters(spec) + memory_parameters(spec) + retriever_parameters(spec)
     assert sum(p.numel() for p in params.values()) == total
 
 
@@ -316,7 +358,7 @@ def test_model_card_body(name):
         f"{memory_values(spec):,}",
         f"{memory_values(spec) * 2:,}",  # bfloat16 / float16
         f"{memory_values(spec) * 4:,}",  # float32
-        f"{llama_parameters(spec) + lora_parameters(spec) + memory_parameters(spec):,}",
+        f"{llama_parameters(spec) + lora_parameters(spec) + memory_parameters(spec) + retriever_parameters(spec):,}",
     ):
         assert needle in text, needle
 

@@ -88,3 +88,19 @@ def test_device_map_places_the_model(golden_dir, fixtures):
     assert model.device.type == "cpu"
     logits = model(fixtures["input.query_d"]).logits
     torch.testing.assert_close(logits, fixtures["d.logits"], atol=1e-4, rtol=1e-4)
+
+
+def test_fresh_process_trust_remote_code_reproduces_every_fixture_of_a(saved_folder, golden_dir, tmp_path):
+    """The same every-fixture check as golden C's (a, a2, h, b, c, d with its cache, e, f, g; sdpa and eager)."""
+    from tests.test_golden_7b import REMOTE_CHECK
+
+    results = run_offline_script(
+        REMOTE_CHECK, str(saved_folder), str(golden_dir / "fixtures.safetensors"), cwd=tmp_path
+    )
+    assert sorted(results) == ["eager", "sdpa"]
+    for backend, result in results.items():
+        assert result.pop("module").startswith("transformers_modules"), backend
+        assert result.pop("variant") == "memoryllm-8b", backend
+        assert result.pop("e.sequences_equal"), backend
+        failing = {name: value for name, value in result.items() if not value < 1}  # in units of the 1e-4 tolerance
+        assert not failing and len(result) == 15, (backend, failing)

@@ -22,6 +22,7 @@ CHROMIUM_ARGS = [
 ]
 TEXT = "Marta keeps three blue herons in a glass barn on the hill above Lindow; she feeds them at dawn."
 QUESTION = "Where are the herons kept?"
+STATS_SHOW = "(document.querySelector('#memory-stats')?.innerText || '').includes('%s')"
 pytestmark = [
     pytest.mark.skipif(
         not pathlib.Path(CHROMIUM).exists(), reason="needs Debian's chromium (apt-get install chromium)"
@@ -49,11 +50,11 @@ def test_browser_injects_asks_and_compares(tmp_path):
         outside = []
         page.route("**/*", lambda route: _local_only(route, url, outside))
         page.goto(url)
+        # the page's load event shows the empty memory; injecting before it has answered races with it
+        page.wait_for_function(STATS_SHOW % "Injections absorbed: 0", timeout=60_000)
         page.fill("#inject-text textarea", TEXT)
         page.click("#inject-btn")
-        page.wait_for_function(
-            "document.querySelector('#memory-stats').innerText.includes('Injections absorbed: 1')", timeout=60_000
-        )
+        page.wait_for_function(STATS_SHOW % "Injections absorbed: 1", timeout=60_000)
         assert "#1" in page.inner_text("#provenance-chart")
         page.check("#compare input")
         page.fill("#question textarea", QUESTION)
