@@ -23,6 +23,8 @@ Config options (read from the config; defaults in brackets):
     attention_window (`32`): see `"window"`.
     attention_pool (`1`): max-pool the scores over this many neighbouring rows (odd; SnapKV pools to keep a kept
         token's neighbours).
+    text_context (`"own"`): `"own"` (each text on its own, above) or `"window"` (an injection reads the last rows of
+        the memory, as the training-free rule does; the ranked drop stays).
 
 The released rules (`memoryllm-8b`, `memoryllm-7b`, `training-free`) are untouched.
 """
@@ -140,18 +142,12 @@ class TrainingFreeRanked(TrainingFree):
     def updated(self, state, delta: torch.Tensor, scores: torch.Tensor, injection: int, generator=None):
         """`update` with the new rows' `scores` `[L, n]` given (e.g. computed once for a text written into many
         memories)."""
-        num_rows = state.memory.shape[1]
-        delta, scores = delta[:, -min(delta.shape[1], num_rows) :], scores[:, -min(delta.shape[1], num_rows) :]
-        empty = (state.provenance[0] == EMPTY_ROWS).nonzero().squeeze(1)
-        written = (state.provenance[0] != EMPTY_ROWS).nonzero().squeeze(1)
-        keep_written = min(len(written), num_rows - delta.shape[1])
-        if keep_written == len(written):  # room enough: only never-written rows go
-            keep_empty = num_rows - delta.shape[1] - keep_written
-            kept = torch.cat([written, empty[len(empty) - keep_empty :]]).sort().values
-            return state.appended_scored(kept, delta, scores, injection)
-        if self.config.memory_drop == "random":
+        new = min(delta.shape[1], state.memory.shape[1])
+        delta, scores = delta[:, -new:], scores[:, -new:]
+        written, keep_written, kept = self.rows_with_room(state, new)
+        if kept is None and self.config.memory_drop == "random":
             kept = self.random_rows(written, state.scores[0, written] < 0, keep_written, generator)
-        else:
+        elif kept is None:
             kept = written[self.best_rows(state.scores[:, written], keep_written)]
         return state.appended_scored(kept, delta, scores, injection)
 
