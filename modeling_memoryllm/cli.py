@@ -6,11 +6,20 @@ import pathlib
 import sys
 import time
 
-from transformers import TextStreamer
-
 from .default import PASSAGE, DefaultModelMissing
 from .memory_state import MemoryState
-from .serving import DEFAULT_NAMES, DTYPES, answer, load_model, load_state, memory_stats, resolve_dtype
+from .serving import (
+    DEFAULT_NAMES,
+    DTYPES,
+    FRAMINGS,
+    answer,
+    answer_stream,
+    inject_framed,
+    load_model,
+    load_state,
+    memory_stats,
+    resolve_dtype,
+)
 
 
 DEMO_QUESTIONS = (
@@ -65,7 +74,7 @@ def cmd_demo(args) -> None:
     passage = PASSAGE.read_text(encoding="utf-8")
     state = model.new_memory_state()
     start = time.perf_counter()
-    model.inject(passage, memory=state)
+    inject_framed(model, state, passage)
     tokens = len(model.tokenizer(passage, add_special_tokens=False).input_ids)
     print(f"Injected a {tokens}-token passage ({PASSAGE.name}) in {time.perf_counter() - start:.1f} s.\n")
     for question in DEMO_QUESTIONS:
@@ -89,18 +98,18 @@ def cmd_chat(args) -> None:
         if line in ("/quit", "/exit"):
             break
         try:
-            state = chat_step(model, state, line)
+            state = chat_step(model, state, line, args.framing)
         except (CommandError, ValueError, OSError) as error:
             print(f"error: {error}")
 
 
-def chat_step(model, state: MemoryState, line: str) -> MemoryState:
+def chat_step(model, state: MemoryState, line: str, framing: str | None = None) -> MemoryState:
     command, _, argument = line.partition(" ")
     if command == "/inject":
-        model.inject(argument, memory=state)
+        inject_framed(model, state, argument, framing)
         print(f"injected; {state.injections} injections so far")
     elif command == "/inject-file":
-        model.inject(read_inputs([argument])[0], memory=state)
+        inject_framed(model, state, read_inputs([argument])[0], framing)
         print(f"injected {argument}; {state.injections} injections so far")
     elif command == "/save":
         state.save(argument, config=model.config)
@@ -116,15 +125,30 @@ def chat_step(model, state: MemoryState, line: str) -> MemoryState:
     elif command.startswith("/"):
         raise CommandError(f"unknown command {command}")
     else:
-        answer(model, state, line, streamer=TextStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True))
+        ask_streaming(model, state, line, framing)
     return state
+
+
+def ask_streaming(model, state: MemoryState, question: str, framing: str | None, max_new_tokens: int = 48) -> str:
+    """Print the answer as it streams and return it (`serving.answer_stream`). An answer cut at `max_new_tokens`
+    says so: its last complete sentence is repeated after a note (or, with none, the note follows the text)."""
+    shown = ""
+    for text in answer_stream(model, state, question, max_new_tokens, framing=framing):
+        if not text.startswith(shown):  # the final answer, back to its last complete sentence
+            print(f"\n(cut at {max_new_tokens} tokens; the complete part: {text})", end="")
+            shown = text
+            break
+        print(text[len(shown) :], end="", flush=True)
+        shown = text
+    print()
+    return shown
 
 
 def cmd_inject(args) -> None:
     texts = read_inputs(args.inputs)
     model = model_at(args.model)
     state = load_state(model, args.memory)
-    model.inject(texts, memory=state, show_progress=True)
+    inject_framed(model, state, texts, args.framing, show_progress=True)
     state.save(args.memory, config=model.config)
     print(stats_line(state))
 
@@ -133,7 +157,7 @@ def cmd_ask(args) -> None:
     if not os.path.exists(args.memory):  # before the model loads: bad input costs nothing
         raise CommandError(f"no memory file {args.memory} (create one with `memoryllm inject`)")
     model = model_at(args.model)
-    print(answer(model, model.load_memory_state(args.memory), args.question, args.max_new_tokens))
+    print(answer(model, model.load_memory_state(args.memory), args.question, args.max_new_tokens, framing=args.framing))
 
 
 def cmd_convert(args) -> None:
@@ -151,6 +175,15 @@ def cmd_push(args) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ parsing
+def add_framing_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--framing",
+        choices=FRAMINGS,
+        help="how texts are injected and questions asked: chat (the chat template; the default for chat models) "
+        "or raw (the text as it is); use the same for inject and ask",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memoryllm", description="MemoryLLM: inject text, then ask about it.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -160,17 +193,20 @@ def build_parser() -> argparse.ArgumentParser:
     chat = commands.add_parser("chat", help="interactive session: questions, /inject, /save, /load, /stats")
     chat.add_argument("--model", help="model folder, .gguf file, or 'default' (the embedded default)")
     chat.add_argument("--memory", help="memory file to start from")
+    add_framing_argument(chat)
     chat.set_defaults(run=cmd_chat)
     inject = commands.add_parser("inject", help="inject files (or - for stdin) into a memory file")
     inject.add_argument("--model", help="model folder, .gguf file, or 'default'")
     inject.add_argument("--memory", required=True, help="memory file (created, or appended to)")
     inject.add_argument("inputs", nargs="+", help="text files, or - for standard input")
+    add_framing_argument(inject)
     inject.set_defaults(run=cmd_inject)
     ask = commands.add_parser("ask", help="answer a question from a memory file")
     ask.add_argument("--model", help="model folder, .gguf file, or 'default'")
     ask.add_argument("--memory", required=True)
     ask.add_argument("--max-new-tokens", type=int, default=48)
     ask.add_argument("question")
+    add_framing_argument(ask)
     ask.set_defaults(run=cmd_ask)
     convert = commands.add_parser("convert", help="released checkpoint folder -> Hub-ready folder")
     convert.add_argument("src")

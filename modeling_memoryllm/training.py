@@ -25,6 +25,7 @@ import sys
 import time
 
 import torch
+import yaml
 from transformers import HfArgumentParser
 from transformers.utils import logging
 
@@ -398,10 +399,19 @@ def heldout_perplexity(model, sampler: ChunkSampler, batches: int, generator) ->
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    """Options from the command line; `--config FILE` (YAML or JSON) first, with any other option overriding it."""
     parser = HfArgumentParser(TrainConfig)
-    if argv and len(argv) == 2 and argv[0] == "--config":
-        path = argv[1]
-        return parser.parse_yaml_file(path)[0] if path.endswith((".yaml", ".yml")) else parser.parse_json_file(path)[0]
+    argv = list(argv or [])
+    if "--config" in argv:
+        at = argv.index("--config")
+        path = argv[at + 1]
+        del argv[at : at + 2]
+        with open(path, encoding="utf-8") as handle:
+            values = yaml.safe_load(handle) if path.endswith((".yaml", ".yml")) else json.load(handle)
+        unknown = set(values) - {field.name for field in dataclasses.fields(TrainConfig)}
+        if unknown:
+            raise ValueError(f"{path}: unknown options {sorted(unknown)}")
+        parser.set_defaults(**values)
     return parser.parse_args_into_dataclasses(args=argv)[0]
 
 

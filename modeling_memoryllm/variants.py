@@ -227,22 +227,31 @@ class TrainingFree(MemoryVariant):
     ) -> MemoryUpdate:
         """New rows replace never-written rows first (the first ones, the same in every layer, so which rows are empty
         never depends on the layer); once the memory is full, random old rows go. Rows keep their order."""
-        num_rows = state.memory.shape[1]
-        delta = delta[:, -min(delta.shape[1], num_rows) :]
-        empty = (state.provenance[0] == EMPTY_ROWS).nonzero().squeeze(1)
-        written = (state.provenance[0] != EMPTY_ROWS).nonzero().squeeze(1)
-        keep_written = min(len(written), num_rows - delta.shape[1])
-        if keep_written == len(written):  # room enough: only never-written rows go
-            keep_empty = num_rows - delta.shape[1] - keep_written
-            kept = torch.cat([written, empty[len(empty) - keep_empty :]]).sort().values
+        delta = delta[:, -min(delta.shape[1], state.memory.shape[1]) :]
+        written, keep_written, kept = self.rows_with_room(state, delta.shape[1])
+        if kept is not None:
             return MemoryUpdate(delta, injection, kept=kept)
         picks = self.kept_rows(len(written), keep_written, generator)  # indices into `written`
         return MemoryUpdate(delta, injection, kept=written[picks])
+
+    @staticmethod
+    def rows_with_room(state: MemoryState, new: int) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+        """For `new` rows: the written rows `[w]`, how many of them stay, and the rows kept `[M - new]` where
+        never-written rows make room enough (the written ones and the last never-written ones, in order), else None."""
+        num_rows = state.memory.shape[1]
+        empty = (state.provenance[0] == EMPTY_ROWS).nonzero().squeeze(1)
+        written = (state.provenance[0] != EMPTY_ROWS).nonzero().squeeze(1)
+        keep_written = min(len(written), num_rows - new)
+        if keep_written < len(written):
+            return written, keep_written, None
+        keep_empty = num_rows - new - keep_written  # room enough: only never-written rows go
+        return written, keep_written, torch.cat([written, empty[len(empty) - keep_empty :]]).sort().values
 
 
 # Each import registers a variant; they stand at the end because they import this file.
 from .variant_memoryllm7b import MemoryLLM7B  # noqa: E402, F401
 from .variant_mplus import MPlus  # noqa: E402, F401
+from .variant_ranked import TrainingFreeRanked  # noqa: E402, F401
 
 
 __all__ = [

@@ -40,7 +40,8 @@ def test_missing_default_names_the_install_command(monkeypatch):
 
 def test_default_is_training_free_and_cached(default_model, default_cache):
     config = default_model.config
-    assert config.memory_variant == "training-free" and config.num_tokens == 256 and config.memory_rows == 2048
+    assert config.memory_variant == "training-free-ranked" and config.memory_drop == "attention"
+    assert config.num_tokens == 256 and config.memory_rows == 2048
     assert any(p.name.startswith("smollm2-135m-memoryllm-") for p in default_cache.iterdir())
     again = default.load_default()  # from the converted copy
     ids = torch.tensor([[1, 2, 3, 4]])
@@ -51,8 +52,8 @@ def test_default_is_training_free_and_cached(default_model, default_cache):
 @torch.no_grad()
 def test_injected_passage_answers_questions(default_model):
     state = default_model.new_memory_state()
-    default_model.inject(default.PASSAGE.read_text(), memory=state)
-    assert state.injections == 2  # 307 tokens in chunks of 256
+    serving.inject_framed(default_model, state, default.PASSAGE.read_text())
+    assert state.injections == 2  # 307 tokens and the chat framing's opening, in chunks of 256
     question = "What was the name of the first keeper of the lighthouse?"
     assert "Moravec" in serving.answer(default_model, state, question, 24)
     assert "Moravec" not in serving.answer(default_model, None, question, 24)

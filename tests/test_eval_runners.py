@@ -119,6 +119,33 @@ def test_retention_batched_memories_match_one_at_a_time(tokenizer_dir, tmp_path)
 
 
 @needs_data
+def test_retention_shared_unrelated_contexts_equal_injecting_them(tokenizer_dir, tmp_path, monkeypatch):
+    """With a variant that writes each text on its own, the unrelated contexts are computed once: the same outputs
+    as injecting them into every memory. (Contexts of 61 tokens: not a whole number of golden A's 8-token chunks,
+    which would make every text continue the one before.)"""
+    from eval.runners import retention, shared
+
+    class Unshared(shared.SharedTexts):
+        def _compute(self) -> None:
+            self.enabled = False
+
+    outputs = []
+    for name, texts in (("shared", shared.SharedTexts), ("unshared", Unshared)):
+        monkeypatch.setattr(retention, "SharedTexts", texts)
+        out = tmp_path / f"retention-{name}.json"
+        argv = golden_args(tokenizer_dir, out) + ["--ks", "0,1,3", "--max-answer-tokens", "12", "--baselines", "none"]
+        options = '{"memory_variant": "training-free-ranked", "text_context": "own"}'
+        argv += ["--memory-options", options, "--context-tokens", "61"]
+        outputs.append(run_cli(["retention", *argv], out))
+    assert outputs[0]["config"]["unrelated_chunk_writes"]["shared"] > 0
+    assert outputs[1]["config"]["unrelated_chunk_writes"]["shared"] == 0
+    for fast, slow in zip(outputs[0]["samples"], outputs[1]["samples"]):
+        for k in ("0", "1", "3"):
+            assert fast["memory"][k]["prediction"] == slow["memory"][k]["prediction"]
+            assert fast["memory"][k]["answer_nll"] == pytest.approx(slow["memory"][k]["answer_nll"], abs=1e-4)
+
+
+@needs_data
 def test_retention_plain_causal_lm_runs_the_baselines_only(tokenizer_dir, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -33,8 +33,9 @@ def known_state() -> MemoryState:
     return MemoryState(torch.zeros(2, 4, 8), initialized=True, provenance=provenance, injections=2)
 
 
-def reference_answer(model, state, question: str, max_new_tokens: int) -> str:
-    """Greedy decoding of the paper's prompt by hand (golden A's byte tokenizer has no chat template)."""
+def reference_answer(model, state, question: str, max_new_tokens: int) -> tuple[str, bool]:
+    """Greedy decoding of the paper's prompt by hand (golden A's byte tokenizer has no chat template): the text as
+    it came, and whether it ran to the token limit."""
     tokenizer = model.tokenizer
     prompt = tokenizer(f"Questions: {question} Answer:", return_tensors="pt")
     memory = state if state is not None else model.new_memory_state()
@@ -43,7 +44,9 @@ def reference_answer(model, state, question: str, max_new_tokens: int) -> str:
             prompt.input_ids, attention_mask=prompt.attention_mask, memory=memory, max_new_tokens=max_new_tokens,
             do_sample=False, pad_token_id=tokenizer.eos_token_id,
         )  # fmt: skip
-    return tokenizer.decode(output[0, prompt.input_ids.shape[1] :], skip_special_tokens=True).strip()
+    new = output[0, prompt.input_ids.shape[1] :]
+    cut = len(new) == max_new_tokens and tokenizer.eos_token_id not in new.tolist()
+    return tokenizer.decode(new, skip_special_tokens=True).strip(), cut
 
 
 @pytest.mark.parametrize(
@@ -72,10 +75,11 @@ def test_chat_prompt_without_and_with_a_template(golden):
 @pytest.mark.parametrize("with_memory", [True, False])
 def test_answer_and_its_stream_match_greedy_decoding(golden, injected, with_memory):
     state = injected if with_memory else None
-    expected = reference_answer(golden, state, QUESTION, 16)
+    raw, cut = reference_answer(golden, state, QUESTION, 16)
+    expected = serving.finished_answer(raw, cut, 16)
     pieces = list(serving.answer_stream(golden, state, QUESTION, 16))
     assert serving.answer(golden, state, QUESTION, 16) == pieces[-1] == expected
-    assert len(pieces) > 1 and all(pieces[-1].startswith(piece) for piece in pieces)
+    assert len(pieces) > 2 and all(raw.startswith(piece) for piece in pieces[: -1 if cut else None])
 
 
 def test_memory_changes_the_answer(golden, injected):

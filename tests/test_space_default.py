@@ -35,3 +35,37 @@ def test_default_model_answers_from_its_own_memory_only():
     assert "Injections absorbed:** 2" in stats and "2 chunks" in status  # 307 tokens, 256 per injection
     assert "Moravec" in answer
     assert "Moravec" not in other_answer
+
+
+VISITOR_PASSAGE = (  # invented, as a visitor would paste it (the issue's example)
+    "The Kestrelmoor ship museum stands on the old quay of the harbour. It was founded in 1902 by Ilse Varga, a "
+    "retired sea captain who collected ship models. Today it holds forty models and the figurehead of the schooner "
+    "Marit."
+)
+
+
+def ends_as_promised(answer: str) -> bool:
+    """An answer ends at a sentence boundary, or says that it was cut (serving.finished_answer)."""
+    return answer.endswith((".", "!", "?", '"', ")")) or "(cut at" in answer
+
+
+@pytest.mark.xfail(
+    reason="measured: SmolLM2-135M-Instruct does not name Ilse Varga even with the passage in its prompt (the same "
+    "framed ids, no memory), so the memory, which reads as that prompt does, cannot either (issue #17: goal missed)",
+    strict=False,
+)
+def test_a_visitors_own_passage_is_answered_from_the_memory_and_compare_shows_the_difference():
+    from modeling_memoryllm.default import DefaultModelMissing, load_default
+
+    try:
+        model = load_default()
+    except DefaultModelMissing as error:
+        pytest.skip(str(error))
+    with running_app(model) as (url, _):  # the Space's own settings (48 new tokens)
+        client = Client(url, verbose=False)
+        client.predict(VISITOR_PASSAGE, api_name="/inject")
+        history, plain, _ = client.predict("Who founded the Kestrelmoor ship museum?", True, [], [], api_name="/ask")
+    answer, without = history[-1]["content"][0]["text"], plain[-1]["content"][0]["text"]
+    print(f"with memory: {answer!r}; without: {without!r}")
+    assert "Ilse Varga" in answer and "Varga" not in without
+    assert ends_as_promised(answer) and ends_as_promised(without), (answer, without)

@@ -90,9 +90,9 @@ def running_app(model, **settings):
 
 def expected_answer(model, texts: list[str], question: str, max_new_tokens: int, dtype=torch.bfloat16) -> str:
     """The answer the Space should give after injecting `texts` into a fresh memory (greedy decoding)."""
-    from modeling_memoryllm.serving import answer
+    from modeling_memoryllm.serving import answer, inject_framed
 
     state = model.new_memory_state(device="cpu", dtype=dtype)
     for text in texts:
-        model.inject(text, memory=state, show_progress=False)
+        inject_framed(model, state, text, show_progress=False)
     return answer(model, state if texts else None, question, max_new_tokens)

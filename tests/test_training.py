@@ -1,6 +1,8 @@
 """Training on a tiny config: every objective gives finite gradients for exactly the trainable parameters."""
 
 import json
+import math
+import pathlib
 import random
 
 import pytest
@@ -25,7 +27,7 @@ pytest.importorskip("accelerate")
 
 def fresh_model(rule: str = "output") -> MemoryLLMForCausalLM:
     torch.manual_seed(0)
-    config = tiny_config(memory_write_rule=rule, max_inject_length=8, num_tokens=4, num_blocks=4)
+    config = tiny_config(memory_variant=rule, max_inject_length=8, num_tokens=4, num_blocks=4)
     return MemoryLLMForCausalLM(config)
 
 
@@ -40,7 +42,7 @@ def config(**overrides) -> TrainConfig:
     return TrainConfig(**options)
 
 
-@pytest.mark.parametrize("rule", ["output", "input"])
+@pytest.mark.parametrize("rule", ["output", "input", "training-free-ranked"])
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_each_objective_gives_finite_gradients_for_exactly_the_trainable_parameters(objective, rule):
     model = fresh_model(rule).train()
@@ -54,7 +56,7 @@ def test_each_objective_gives_finite_gradients_for_exactly_the_trainable_paramet
     for name, param in model.named_parameters():
         if name in trainable:
             last_layer = f"layers.{model.config.num_hidden_layers - 1}."
-            if rule == "input" and last_layer in name and ".default." in name:
+            if rule != "output" and last_layer in name and ".default." in name:
                 assert param.grad is None, name  # the input rule writes layer inputs: the last layer's
                 continue  # injection adapter never matters
             assert param.grad is not None and torch.isfinite(param.grad).all(), name
@@ -113,7 +115,6 @@ def test_config_from_yaml_and_command_line(tmp_path):
 
 
 def test_shipped_accelerate_and_training_configs_parse():
-    import pathlib
 
     yaml = pytest.importorskip("yaml")
     folder = pathlib.Path(__file__).resolve().parents[1] / "accelerate_configs"
@@ -121,6 +122,32 @@ def test_shipped_accelerate_and_training_configs_parse():
     assert zero2["distributed_type"] == "DEEPSPEED" and zero2["deepspeed_config"]["zero_stage"] == 2
     multi = yaml.safe_load((folder / "multi_gpu.yaml").read_text())  # FSDP cannot shard around the injection
     assert multi["distributed_type"] == "MULTI_GPU" and multi["num_processes"] > 1
-    for name in ("train_smollm2.yaml", "train_8b.yaml"):
+    for name in ("train_smollm2.yaml", "train_smollm2_ranked.yaml", "train_8b.yaml"):
         parsed = parse_config(["--config", str(folder / name)])
-        assert parsed.steps > 0 and parsed.memory_variant in ("memoryllm-8b", "training-free")
+        assert parsed.steps > 0 and parsed.memory_variant in ("memoryllm-8b", "training-free", "training-free-ranked")
+
+
+@pytest.mark.parametrize("name", ["train_smollm2.yaml", "train_smollm2_ranked.yaml"])
+def test_the_defaults_training_configs_run_a_tiny_cpu_run(name, tmp_path):
+    """The shipped GPU configs of the default, as they are, with only the sizes cut and a tiny Llama as backbone."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=100)
+    LlamaForCausalLM(LlamaConfig(num_key_value_heads=2, **shape)).save_pretrained(tmp_path / "backbone")
+    corpus = tmp_path / "books.jsonl"
+    corpus.write_text("".join(json.dumps({"input_ids": book}) + "\n" for book in random_books(3, 120)))
+    folder = pathlib.Path(__file__).resolve().parents[1] / "accelerate_configs"
+    sizes = dict(steps=2, chunk_length=8, num_tokens=8, num_blocks=2, eval_every=2, eval_batches=1, save_every=2)
+    paths = dict(backbone=tmp_path / "backbone", corpus=corpus, heldout=corpus, output_dir=tmp_path / "run")
+    overrides = [f"--{key}={value}" for key, value in {**sizes, **paths, "mixed_precision": "no"}.items()]
+    config = parse_config(["--config", str(folder / name), *overrides])
+    assert config.memory_variant == yaml_rule(folder / name)
+    log = train(config)
+    assert [record["step"] for record in log] == [1, 2] and all(math.isfinite(record["loss"]) for record in log)
+    assert (tmp_path / "run" / "checkpoint" / "adapters.safetensors").exists()
+
+
+def yaml_rule(path: pathlib.Path) -> str:
+    yaml = pytest.importorskip("yaml")
+    return yaml.safe_load(path.read_text())["memory_variant"]

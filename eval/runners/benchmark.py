@@ -125,7 +125,9 @@ class Benchmark:
         `timings`). `subject` replaces loading `args.model`."""
         common.setup(args)
         timer = common.Timer()
-        subject = subject or common.load_subject(args.model, args.tokenizer, args.device, args.dtype)
+        subject = subject or common.load_subject(
+            args.model, args.tokenizer, args.device, args.dtype, getattr(args, "memory_options", None)
+        )
         run = Run(subject, args, common.baselines(args))
         samples = self.load(run)
         timer.mark("load_s")

@@ -35,6 +35,12 @@ def common_arguments(parser: argparse.ArgumentParser, default_batch: int = 4) ->
     parser.add_argument("--out", help="result JSON path (a PNG plot is written beside it)")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument(
+        "--memory-options",
+        type=json.loads,
+        help='memory variant options of the model under test, as JSON, e.g. \'{"memory_drop": "random"}\' '
+        "(keys: memory_variant and the variant options; the memory size stays)",
+    )
 
 
 def baselines(args) -> list[str]:
@@ -168,8 +174,34 @@ def continuation_scores(subject: Subject, prompts: list[list[int]], targets: lis
     return scores
 
 
-def load_subject(path: str, tokenizer: str | None = None, device: str = "cpu", dtype: str = "float32") -> Subject:
-    """`default`, a `.gguf` file or a MemoryLLM folder (memory runs), or any causal LM folder (in-context only)."""
+def load_subject(
+    path: str, tokenizer: str | None = None, device: str = "cpu", dtype: str = "float32", memory_options=None
+) -> Subject:
+    """`default`, a `.gguf` file or a MemoryLLM folder (memory runs), or any causal LM folder (in-context only).
+    `memory_options` (a dict) changes the memory variant or its options of a MemoryLLM (`with_memory_options`)."""
+    subject = _load_subject(path, tokenizer, device, dtype)
+    if memory_options:
+        if not subject.is_memory:
+            raise ValueError("--memory-options needs a MemoryLLM")
+        with_memory_options(subject.model, memory_options)
+    return subject
+
+
+def with_memory_options(model, options: dict):
+    """`model` with its config's memory variant and variant options replaced by `options` (what changes the size of
+    the memory, `num_tokens` and `num_blocks`, cannot change here); the variant adapts the config again."""
+    fixed = {"num_tokens", "num_blocks", "hidden_size", "num_hidden_layers"} & set(options)
+    if fixed:
+        raise ValueError(f"the memory size cannot change on a loaded model: {sorted(fixed)}")
+    from modeling_memoryllm.variants import canonical_name, get_variant
+
+    for key, value in options.items():
+        setattr(model.config, key, canonical_name(value) if key == "memory_variant" else value)
+    get_variant(model.config).adapt_config(model.config)
+    return model
+
+
+def _load_subject(path: str, tokenizer: str | None, device: str, dtype: str) -> Subject:
     torch_dtype = DTYPES[dtype]
     if path == "default":
         from modeling_memoryllm.default import load_default

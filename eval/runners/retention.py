@@ -1,21 +1,30 @@
 """Knowledge retention (MemoryLLM paper, Sec. 4.3): inject a context, then k unrelated contexts, then ask.
 
 For each sample: its context (cut to `--context-tokens`) goes into a fresh memory, then the first k contexts of one
-fixed list of unrelated contexts (the same list for every sample), and the question is asked with the paper's
-prompt `"Questions: {question} Answer:"` (for chat models: the chat template with "Answer:" opening the reply).
-Scored by greedy generation (gold answer as a substring) and by the teacher-forced NLL of the gold answer.
-Baselines in the same run: the model with an empty memory (no injection), and with the context in the prompt.
+fixed list of unrelated contexts (the same list for every sample), and the question is asked. Texts and questions
+are framed by `serving.framing_for` (`--framing`): for chat models by default each text opens a user turn of the
+chat template ("Context: ...") and the question closes the turn of the last text, with "Answer:" opening the
+reply; `raw` injects the bare text and asks with the chat template (or the paper's `"Questions: {question}
+Answer:"`). Scored by greedy generation (gold answer as a substring) and by the teacher-forced NLL of the gold
+answer. Baselines in the same run: the model with an empty memory (no injection; the question as a plain chat
+turn), and with the context in the prompt (the same token ids as the memory holds, then the question).
+
+Where the variant writes each text on its own (`training-free-ranked`), the unrelated contexts' rows are computed
+once per run and written into every sample's memory with its own drop (`shared.SharedTexts`).
 """
 
+import dataclasses
 import random
 
-from modeling_memoryllm.serving import chat_prompt
+from modeling_memoryllm.serving import FRAMINGS, Framing, chat_prompt, framing_for
 
 from .. import data
 from . import common
 from .benchmark import Benchmark, CardEntry, Run
+from .shared import SharedTexts
 
 
+ANSWER_PREFIX = "Answer:"
 DEFAULT_MAX_ANSWER_TOKENS = {"squad": 3, "nq": 4}  # the paper keeps answers of at most 3 (SQuAD) / 4 (NQ) tokens
 UNRELATED_RESERVE = 20  # contexts set aside as unrelated ones (the paper's largest k), whatever --ks asks for
 CARD_DATASETS = {  # benchmark -> (dataset type on the Hub, display name)
@@ -50,21 +59,34 @@ def select(records: list[dict], subject: common.Subject, args) -> tuple[list[dic
     return eligible[: args.limit], contexts[:needed]
 
 
-def prepare(subject: common.Subject, records: list[dict], args) -> list[dict]:
-    """Token ids of each sample's cut context, question prompt, in-context prompt and gold answer."""
+def framed_context(subject: common.Subject, text: str, args, frame: Framing, later=False) -> tuple[str, list[int]]:
+    """`text` cut to `--context-tokens` tokens, and the token ids of it framed for injection (`later`: after other
+    text, see `serving.continues_turn`)."""
+    context = subject.decode(subject.encode(text, special=False)[: args.context_tokens])
+    return context, subject.encode(frame.text(context, later=later), special=False)
+
+
+def prepare(subject: common.Subject, records: list[dict], args, frame: Framing) -> list[dict]:
+    """Token ids of each sample's framed context, question prompts (after the memory, and with none), in-context
+    prompt and gold answer."""
     samples = []
     for index, record in enumerate(records):
-        context_ids = subject.encode(record["context"], special=False)[: args.context_tokens]
-        context = subject.decode(context_ids)
+        context, context_ids = framed_context(subject, record["context"], args, frame)
+        question = record["question"]
+        prompt_ids = subject.encode(frame.question(question, ANSWER_PREFIX), special=frame.name != "chat")
+        in_context = context_ids + prompt_ids  # exactly what the memory holds, then the question
+        if frame.name == "raw":
+            in_context = subject.encode(in_context_prompt(subject.tokenizer, context, question))
         samples.append(
             {
                 "index": index,
                 "id": record["id"],
-                "question": record["question"],
+                "question": question,
                 "answers": record["answers"],
                 "context_ids": context_ids,
-                "prompt_ids": subject.encode(chat_prompt(subject.tokenizer, record["question"])),
-                "in_context_ids": subject.encode(in_context_prompt(subject.tokenizer, context, record["question"])),
+                "prompt_ids": prompt_ids,
+                "plain_prompt_ids": subject.encode(frame.question(question, ANSWER_PREFIX, after_text=False)),
+                "in_context_ids": in_context,
                 "answer_ids": answer_ids(subject, record["answers"][0]),
             }
         )
@@ -72,8 +94,9 @@ def prepare(subject: common.Subject, records: list[dict], args) -> list[dict]:
 
 
 def in_context_prompt(tokenizer, context: str, question: str) -> str:
-    """The context in front of the question. For chat models "Context: ... Question: ..." in the user turn: on
-    SQuAD part-a, SmolLM2-135M-Instruct ended its turn at once far less often with these labels than without."""
+    """The context in front of the question with `--framing raw`. For chat models "Context: ... Question: ..." in
+    the user turn: on SQuAD part-a, SmolLM2-135M-Instruct ended its turn at once far less often with these labels
+    than without."""
     if common.has_chat_template(tokenizer):
         return chat_prompt(tokenizer, f"Context: {context}\n\nQuestion: {question}")
     return f"{context}\n{chat_prompt(tokenizer, question)}"
@@ -115,6 +138,10 @@ class Retention(Benchmark):
         parser.add_argument("--context-tokens", type=int, default=512, help="contexts are cut to this many tokens")
         parser.add_argument("--max-answer-tokens", type=int, help="keep answers this short (default 3 SQuAD / 4 NQ)")
         parser.add_argument("--max-new-tokens", type=int, default=10)
+        parser.add_argument("--framing", choices=FRAMINGS, help="chat (default for chat models) or raw")
+        parser.add_argument(
+            "--inject-each", action="store_true", help="inject the unrelated contexts into every memory (no sharing)"
+        )
 
     def benchmark_id(self, args) -> str:
         return f"retention-{args.dataset}"
@@ -123,28 +150,33 @@ class Retention(Benchmark):
         """The samples, and the fixed unrelated contexts (token ids) in `run.shared["unrelated"]`."""
         subject, args = run.subject, run.args
         args.max_answer_tokens = args.max_answer_tokens or DEFAULT_MAX_ANSWER_TOKENS[args.dataset]
+        frame = run.shared["frame"] = framing_for(subject.tokenizer, args.framing)
+        args.framing = frame.name
         records = data.retention_records(args.dataset, args.split, args.data_dir)
         chosen, unrelated = select(records, subject, args)
-        run.shared["unrelated"] = [subject.encode(text, special=False)[: args.context_tokens] for text in unrelated]
-        return prepare(subject, chosen, args)
+        later = subject.is_memory and not getattr(subject.model.variant, "writes_texts_apart", False)
+        run.shared["unrelated"] = [framed_context(subject, text, args, frame, later)[1] for text in unrelated]
+        if subject.is_memory:
+            run.shared["texts"] = SharedTexts(subject.model, run.shared["unrelated"], share=not args.inject_each)
+        return prepare(subject, chosen, args, frame)
 
     def run_memory(self, run: Run, batch: list[dict]) -> None:
         """Context into fresh memories, then unrelated contexts; ask at every k (outputs under `sample["memory"]`)."""
-        subject, args, unrelated = run.subject, run.args, run.shared["unrelated"]
+        subject, args, texts = run.subject, run.args, run.shared["texts"]
         states, generators = run.new_memories(batch)
         subject.inject([sample["context_ids"] for sample in batch], states, generators)
-        injected = 0
+        tracks, injected = [texts.track(state) for state in states], 0
         for k in args.ks:
-            for ids in unrelated[injected:k]:
-                subject.inject([ids] * len(batch), states, generators)
+            for index in range(injected, k):
+                tracks, states = texts.inject(index, tracks, states, generators)
             injected = k
-            for sample, output in zip(batch, ask(subject, batch, states, args)):
+            for sample, output in zip(batch, ask(subject, batch, texts.states(tracks, states), args)):
                 sample.setdefault("memory", {})[str(k)] = output
 
     def run_baselines(self, run: Run, batch: list[dict]) -> None:
         subject, args = run.subject, run.args
         if "no_injection" in run.baselines:
-            for sample, output in zip(batch, ask(subject, batch, None, args)):
+            for sample, output in zip(batch, ask(subject, batch, None, args, "plain_prompt_ids")):
                 sample["no_injection"] = output
         if "in_context" in run.baselines:
             fits = [s for s in batch if len(s["in_context_ids"]) + args.max_new_tokens <= subject.max_positions]
@@ -165,14 +197,19 @@ class Retention(Benchmark):
         return results
 
     def public(self, run: Run, sample: dict) -> dict:
-        hidden = ("context_ids", "prompt_ids", "in_context_ids", "answer_ids")
+        hidden = ("context_ids", "prompt_ids", "plain_prompt_ids", "in_context_ids", "answer_ids")
         visible = {key: value for key, value in sample.items() if key not in hidden}
         return {**visible, "context_tokens": len(sample["context_ids"])}
 
     def config_extra(self, run: Run) -> dict:
         args = run.args
         source = str(data.data_file(args.dataset, args.split, args.data_dir))
-        return {"data_file": source, "unrelated_context_tokens": [len(u) for u in run.shared["unrelated"]]}
+        extra = {"data_file": source, "unrelated_context_tokens": [len(u) for u in run.shared["unrelated"]]}
+        extra["framing_strings"] = dataclasses.asdict(run.shared["frame"])
+        texts = run.shared.get("texts")
+        if texts is not None:
+            extra["unrelated_chunk_writes"] = dict(texts.counts)
+        return extra
 
     def summary(self, results: dict) -> None:
         aggregates = results["aggregates"]

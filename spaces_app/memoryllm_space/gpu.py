@@ -70,11 +70,15 @@ def injection_steps(
 
 
 @gpu(duration=60)
-def answer_stream(model_key: int, state: MemoryState | None, question: str, max_new_tokens: int) -> Iterator[str]:
-    """`serving.answer_stream` with the registered model, reading `state` (`None`: an empty memory)."""
+def answer_stream(
+    model_key: int, state: MemoryState | None, question: str, max_new_tokens: int, framing: str | None = None
+) -> Iterator[str]:
+    """`serving.answer_stream` with the registered model, reading `state` (`None`: an empty memory); the question
+    framed to match texts injected with `framing` (`serving.framing_for`)."""
     model = _MODELS[model_key]
     memory = state if state is not None else _EMPTY_STATES[model_key]
-    yield from serving.answer_stream(model, memory, question, max_new_tokens, encode=locked(model.tokenizer))
+    encode = locked(model.tokenizer)
+    yield from serving.answer_stream(model, memory, question, max_new_tokens, encode=encode, framing=framing)
 
 
 def load_model(settings: Settings) -> MemoryLLMForCausalLM:

@@ -121,11 +121,10 @@ class MemorySpace:
     def inject(self, text: str | None, request: gr.Request, progress=gr.Progress()) -> tuple:  # noqa: B008 (Gradio's idiom)
         text = checked_text(text, self.settings.max_inject_chars)
         session = self.session(request)
-        chunks = token_chunks(self.model, text, encode=gpu.locked(self.model.tokenizer))
-        if not chunks:
-            raise gr.Error("Nothing to inject: the text has no tokens.")
         start = time.perf_counter()
         with session.lock:
+            encode, framing = gpu.locked(self.model.tokenizer), self.settings.framing
+            chunks = token_chunks(self.model, text, encode=encode, framing=framing, state=session.state)
             new_state = None
             progress((0, len(chunks)), desc="Injecting", unit="chunks")
             try:
@@ -165,7 +164,8 @@ class MemorySpace:
             raise gr.Error(f"{name} is too large to be a memory for this model.")
         session = self.session(request)
         try:
-            state = MemoryState.load(path, config=self.model.config, device="cpu", dtype=self.memory_dtype)
+            state_class = self.model.variant.state_class  # e.g. a ranked memory keeps its rows' scores
+            state = state_class.load(path, config=self.model.config, device="cpu", dtype=self.memory_dtype)
         except (ValueError, OSError) as error:
             message = str(error).replace(str(path), name)
             raise gr.Error(f"Could not load this memory: {message}") from error
@@ -202,7 +202,8 @@ class MemorySpace:
 
     def _stream_into(self, history: list, plain: list, state, question: str, target: list):
         text = ""
-        for text in gpu.answer_stream(self.key, state, question, self.settings.max_new_tokens):
+        settings = self.settings
+        for text in gpu.answer_stream(self.key, state, question, settings.max_new_tokens, settings.framing):
             target[-1] = chat_message("assistant", text)
             yield history, plain, ""
         target[-1] = chat_message("assistant", text or EMPTY_ANSWER)

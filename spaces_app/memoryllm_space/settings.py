@@ -5,7 +5,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from modeling_memoryllm.serving import DTYPES
+from modeling_memoryllm.serving import DTYPES, FRAMINGS
 
 
 OPTIONAL_SETTING_TYPES = {"seed": int}  # settings that default to None but are not strings
@@ -28,6 +28,7 @@ class Settings:
     concurrency: int = 2  # model calls (inject, ask) running at once; others wait in Gradio's queue
     queue_size: int = 32  # waiting events beyond this are refused ("queue is full")
     seed: int | None = None  # seeds each session's own drop generator (with its id); unset: random per process
+    framing: str | None = None  # how texts are injected and questions asked: chat (default for chat models) or raw
 
     @classmethod
     def from_env(cls, env: dict | None = None) -> "Settings":
@@ -44,6 +45,8 @@ class Settings:
         for name in ("dtype", "memory_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"MEMORYLLM_{name.upper()} must be one of {sorted(DTYPES)}")
+        if self.framing not in (None, *FRAMINGS):
+            raise ValueError(f"MEMORYLLM_FRAMING must be one of {list(FRAMINGS)}")
 
 
 def pick_device(settings: Settings) -> str:

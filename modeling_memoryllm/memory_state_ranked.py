@@ -1,0 +1,132 @@
+"""`RankedMemoryState`: a `MemoryState` whose rows carry a score each (`scores`, `[L, M]`), the rank of the row
+within the text chunk that wrote it by the attention it received there (`variant_ranked.py`). A full memory drops
+the lowest scores first. Files hold the scores next to the rows (same checks as `MemoryState`'s: format, SHA-256,
+finite values, config fingerprint, atomic write); a plain `MemoryState` file loads with every score 0.5.
+"""
+
+import json
+import os
+
+import torch
+from safetensors import safe_open
+
+from .memory_state import (
+    CHECKSUM_KEY,
+    FORMAT,
+    FORMAT_VERSION,
+    MemoryState,
+    _check_against_config,
+    _read_safetensors,
+    _verify_checksum,
+    _write_atomically,
+    checksum,
+    config_fingerprint,
+)
+
+
+VARIANT = "training-free-ranked"
+UNKNOWN_SCORE = 0.5  # rows whose score is not known (a plain memory file, a checkpoint's own rows)
+
+
+class RankedMemoryState(MemoryState):
+    """
+    Attributes (besides `MemoryState`'s): scores (`[L, M]` float32, CPU): per row, its rank in `[0, 1]` among the
+    rows of the chunk that wrote it, by the attention they received in that chunk (1: the most); 0 for rows never
+    written.
+    """
+
+    def __init__(self, memory, initialized=False, provenance=None, injections: int = 0, scores=None):
+        super().__init__(memory, initialized, provenance, injections)
+        if scores is None:
+            scores = torch.where(self.provenance < 0, 0.0, UNKNOWN_SCORE)
+        if scores.shape != memory.shape[:2]:
+            raise ValueError(f"scores must be {tuple(memory.shape[:2])}, got {tuple(scores.shape)}")
+        self.scores = scores.to(device="cpu", dtype=torch.float32)
+
+    @classmethod
+    def bound_to(cls, memory, flag, like=None) -> "RankedMemoryState":
+        state = super().bound_to(memory, flag, like)
+        if isinstance(like, RankedMemoryState) and like.scores.shape == state.scores.shape:
+            state.scores = like.scores
+        return state
+
+    def appended_scored(self, kept: torch.Tensor, delta: torch.Tensor, delta_scores: torch.Tensor, injection: int):
+        """`MemoryState.appended` (`[rows at kept; delta]`), keeping the kept rows' scores and adding `delta_scores`
+        `[L, n]` for the new rows. A new state."""
+        base = self.appended(kept, delta, injection)
+        kept_scores = self.scores[:, kept] if kept.dim() == 1 else self.scores.gather(1, kept.cpu())
+        scores = torch.cat([kept_scores, delta_scores.to("cpu", torch.float32)], dim=1)
+        return RankedMemoryState(base.memory, True, base.provenance, base.injections, scores)
+
+    def take(self, other: "MemoryState") -> None:
+        super().take(other)
+        self.scores = other.scores.clone() if isinstance(other, RankedMemoryState) else self._unknown_scores()
+
+    def assign(self, memory: torch.Tensor, initialized: bool = True) -> None:
+        super().assign(memory, initialized)
+        self.scores = self._unknown_scores()
+
+    def _unknown_scores(self) -> torch.Tensor:
+        return torch.where(self.provenance < 0, 0.0, UNKNOWN_SCORE).float()
+
+    def clone(self) -> "RankedMemoryState":
+        return self.to()
+
+    def to(self, device=None, dtype=None) -> "RankedMemoryState":
+        return self.with_rows(self.memory.detach().to(device=device, dtype=dtype, copy=True))
+
+    def with_rows(self, memory: torch.Tensor) -> "RankedMemoryState":
+        """A new state holding `memory` `[L, M, w]`, with a copy of this state's provenance, count and scores."""
+        provenance, scores = self.provenance.clone(), self.scores.clone()
+        return RankedMemoryState(memory, self.initialized, provenance, self.injections, scores)
+
+    # ------------------------------------------------------------------------------------------------- files
+    def save(self, path: str | os.PathLike, config=None) -> None:
+        """Save rows, provenance and scores with safetensors, atomically."""
+        metadata = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "variant": VARIANT,
+            "initialized": str(int(self.initialized)),
+            "injections": str(self.injections),
+        }
+        if config is not None:
+            metadata["config"] = json.dumps(config_fingerprint(config), sort_keys=True)
+        tensors = {"memory": self.memory.detach().contiguous().cpu(), "provenance": self.provenance.contiguous()}
+        tensors["scores"] = self.scores.contiguous()
+        metadata[CHECKSUM_KEY] = checksum(tensors, metadata)
+        _write_atomically(tensors, metadata, os.fspath(path))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, config=None, device=None, dtype=None) -> "RankedMemoryState":
+        """Load a file of `save`, or a plain `MemoryState` file (its rows' scores are unknown: 0.5)."""
+        if not _has_scores(path):
+            plain = MemoryState.load(path, config=config, device=device, dtype=dtype)
+            return cls(plain.memory, plain.initialized, plain.provenance, plain.injections)
+        tensors, metadata = _read_safetensors(path)
+        scores = tensors["scores"]
+        if metadata.get("format") != FORMAT or metadata.get("variant") != VARIANT:
+            raise ValueError(f"{path}: not a ranked MemoryLLM memory file (format={metadata.get('format')!r}).")
+        _verify_checksum(path, tensors, metadata)
+        memory, provenance = tensors.get("memory"), tensors.get("provenance")
+        if set(tensors) != {"memory", "provenance", "scores"} or memory.dim() != 3:
+            raise ValueError(f"{path}: expected tensors memory, provenance and scores, found {sorted(tensors)}.")
+        if provenance.shape != memory.shape[:2] or scores.shape != memory.shape[:2]:
+            raise ValueError(f"{path}: inconsistent shapes {tuple(memory.shape)} / {tuple(scores.shape)}.")
+        if config is not None:
+            _check_against_config(path, memory, metadata, config)
+        if not (torch.isfinite(memory).all() and torch.isfinite(scores).all()):
+            raise ValueError(f"{path}: the memory holds NaN or Inf values.")
+        memory = memory.to(device=device, dtype=dtype or memory.dtype)
+        return cls(memory, metadata.get("initialized") == "1", provenance, int(metadata.get("injections", 0)), scores)
+
+
+def _has_scores(path) -> bool:
+    try:
+        with safe_open(os.fspath(path), framework="pt") as handle:
+            return "scores" in handle.keys()
+    except Exception:  # not a safetensors file: `MemoryState.load` says what is wrong with it
+        return False
+
+
+__all__ = ["RankedMemoryState"]

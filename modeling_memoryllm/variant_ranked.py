@@ -1,0 +1,252 @@
+"""
+`training-free-ranked`: the training-free memory (layer `l` stores its own input rows of the text, so the memory is
+a compressed key/value cache that an untrained backbone reads), with two changes for a memory that fills up:
+
+* **Each text on its own.** An injection reads only the rows of the text it continues, never older texts: the
+  chunk before it when that chunk filled a whole `max_inject_length` chunk (the text may go on), else nothing but
+  bos. The rows of a text are then its own key/value cache from bos, whatever was injected before it; chunks of
+  one text still read each other. (A separate text that happens to follow a text of exactly a multiple of
+  `max_inject_length` tokens reads that text's last chunk as context.)
+* **Keep what the text attended to.** Every new row gets a score: its rank, within the chunk that wrote it and in
+  its own layer, by the attention it received from the chunk's tokens (as key/value cache compressors such as H2O
+  and SnapKV rank cached tokens). Once the memory is full, each injection drops the rows with the lowest scores
+  (the older row first among equals), in every layer apart, instead of uniformly at random. Every chunk then keeps
+  its best-attended rows, and old texts thin out evenly instead of fading at random.
+
+Config options (read from the config; defaults in brackets):
+    memory_drop (`"attention"`): `"attention"` (the ranked drop above) or `"random"` (the training-free rule's
+        uniform draw, e.g. to compare).
+    attention_score (`"mean"`): how received attention is summed: `"mean"`, the mean over the later tokens of the
+        chunk of their attention to the row relative to uniform attention (so early rows are not favoured for
+        being seen by more tokens); `"sum"`, the plain sum (H2O); `"window"`, the sum over the chunk's last
+        `attention_window` tokens (SnapKV's observation window).
+    attention_window (`32`): see `"window"`.
+    attention_pool (`1`): max-pool the scores over this many neighbouring rows (odd; SnapKV pools to keep a kept
+        token's neighbours).
+    text_context (`"own"`): `"own"` (each text on its own, above) or `"window"` (an injection reads the last rows of
+        the memory, as the training-free rule does; the ranked drop stays).
+
+The released rules (`memoryllm-8b`, `memoryllm-7b`, `training-free`) are untouched.
+"""
+
+import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+from .lora import active_adapter
+from .memory_state import EMPTY_ROWS, MemoryUpdate
+from .memory_state_ranked import UNKNOWN_SCORE, VARIANT, RankedMemoryState
+from .variants import InjectionPlan, TrainingFree, register_variant
+
+
+DROPS = ("attention", "random")
+SCORES = ("mean", "sum", "window")
+DEFAULT_OPTIONS = {
+    "memory_drop": "attention",
+    "text_context": "own",
+    "attention_score": "mean",
+    "attention_window": 32,
+    "attention_pool": 1,
+}
+CONTEXTS = ("own", "window")  # "own" by default: with "window", the default given the demo passage twice answered
+# every demo question with "The island itself has no trees." (the second copy read the first one's last rows)
+
+
+@register_variant
+class TrainingFreeRanked(TrainingFree):
+    """Training-free rows; each text read on its own; a full memory drops its least-attended rows first."""
+
+    name = VARIANT
+    state_class = RankedMemoryState
+
+    @classmethod
+    def adapt_config(cls, config) -> None:
+        """Fill in the options; a chunk is stored whole (`max_inject_length` at most `num_tokens`)."""
+        for key, value in DEFAULT_OPTIONS.items():
+            if getattr(config, key, None) is None:
+                setattr(config, key, value)
+        choices = ((config.memory_drop, DROPS), (config.attention_score, SCORES), (config.text_context, CONTEXTS))
+        if any(value not in allowed for value, allowed in choices):
+            raise ValueError(
+                f"memory_drop must be one of {DROPS}, attention_score one of {SCORES}, text_context one of {CONTEXTS}"
+            )
+        if int(config.attention_pool) < 1 or int(config.attention_pool) % 2 == 0 or int(config.attention_window) < 1:
+            raise ValueError("attention_pool must be odd and >= 1, attention_window >= 1")
+        config.max_inject_length = min(config.max_inject_length, config.num_tokens)
+
+    @property
+    def writes_texts_apart(self) -> bool:
+        """Whether every text is written on its own (`text_context="own"`): framed texts then each carry their own
+        opening (`serving.continues_turn`)."""
+        return self.config.text_context == "own"
+
+    # ---------------------------------------------------------------------------------------------- injection
+    def injection_plan(self, initialized: bool, length: int) -> InjectionPlan:
+        return InjectionPlan(min(self.config.num_tokens, length), 0, True, True)  # bos is always read
+
+    def continues_text(self, state) -> bool:
+        """Whether the next injection reads rows of the memory: with `text_context="window"` whenever there are any;
+        else when it continues the last one (which filled a whole chunk)."""
+        if state.injections == 0:
+            return False
+        if self.config.text_context == "window":
+            return True
+        return int((state.provenance[0] == state.injections).sum()) == self.config.max_inject_length
+
+    def prefix_written(self, state, rows: slice = slice(None)) -> torch.Tensor | None:
+        """For reading (all rows), the written rows but repeated ones (see `repeated_rows`), and bos; for an
+        injection's window of rows, only the rows of the text it continues (see `continues_text`), and bos."""
+        if rows == slice(None):
+            visible = self.visible(state)
+            if bool(visible.all()):
+                return None
+            return torch.cat([torch.ones(1, dtype=torch.bool), visible]) if self.config.add_bos_embedding else visible
+        window = state.provenance[0, rows]
+        if self.config.text_context == "window":
+            return super().prefix_written(state, rows)
+        visible = window == state.injections if self.continues_text(state) else torch.zeros_like(window, dtype=bool)
+        visible = visible & (window != EMPTY_ROWS)
+        return torch.cat([torch.ones(1, dtype=torch.bool), visible]) if self.config.add_bos_embedding else visible
+
+    # ------------------------------------------------------------------------------------------------- update
+    def visible(self, state) -> torch.Tensor:
+        """`[M]` bool: the rows a query reads: written and not repeated (the same in every layer: repeated rows are
+        written at the same slots of every layer and dropped first, so they stay aligned)."""
+        return (state.provenance[0] != EMPTY_ROWS) & (state.scores[0] >= 0)
+
+    def planned_update(self, state, delta: torch.Tensor, injection: int, generator=None, model=None) -> MemoryUpdate:
+        """The new state with its scores, as the update (`MemoryUpdate.replacement`): the scores move with the rows."""
+        return MemoryUpdate(delta, injection, replacement=self.update(state, delta, injection, generator, model=model))
+
+    def update(self, state, delta: torch.Tensor, injection: int, generator=None, model=None):
+        """Write `delta` `[L, n, d]` (never-written rows first); once full, drop repeated rows, then by score (or
+        at random)."""
+        scores = self.write_scores(model, delta)
+        first_last = state.memory[[0, -1]].to(delta.device, delta.dtype)
+        scores = self.marked(first_last, self.visible(state), delta[[0, -1]], scores)
+        return self.updated(state, delta, scores, injection, generator)
+
+    @staticmethod
+    def marked(first_last: torch.Tensor, visible: torch.Tensor, new: torch.Tensor, scores: torch.Tensor):
+        """`scores` with the new rows that repeat a visible row set to -1 (`repeated_rows`; `first_last` and `new`
+        are the first and last layers' rows `[2, M, d]`, `[2, n, d]`)."""
+        repeated = repeated_rows(first_last, visible, new)
+        if bool(repeated.any()):
+            scores = scores.clone()
+            scores[:, repeated.cpu()] = -1.0
+        return scores
+
+    def write_scores(self, model, delta: torch.Tensor) -> torch.Tensor:
+        """The scores `[L, n]` of the rows `delta` writes (`row_scores`; unknown, 0.5, for the random drop)."""
+        if self.config.memory_drop == "random":
+            return torch.full(delta.shape[:2], UNKNOWN_SCORE)
+        if model is None:
+            raise ValueError(f"{VARIANT} ranks rows by attention: its update needs the model.")
+        return row_scores(model, delta)
+
+    def updated(self, state, delta: torch.Tensor, scores: torch.Tensor, injection: int, generator=None):
+        """`update` with the new rows' `scores` `[L, n]` given (e.g. computed once for a text written into many
+        memories)."""
+        new = min(delta.shape[1], state.memory.shape[1])
+        delta, scores = delta[:, -new:], scores[:, -new:]
+        written, keep_written, kept = self.rows_with_room(state, new)
+        if kept is None and self.config.memory_drop == "random":
+            kept = self.random_rows(written, state.scores[0, written] < 0, keep_written, generator)
+        elif kept is None:
+            kept = written[self.best_rows(state.scores[:, written], keep_written)]
+        return state.appended_scored(kept, delta, scores, injection)
+
+    def random_rows(self, written: torch.Tensor, repeated: torch.Tensor, keep: int, generator) -> torch.Tensor:
+        """The training-free rule's uniform draw of `keep` of the `written` rows, repeated rows dropped first (the
+        newest of them stay when there are too few others)."""
+        if not bool(repeated.any()):
+            return written[self.kept_rows(len(written), keep, generator)]
+        others, again = written[~repeated], written[repeated]
+        picks = others[self.kept_rows(len(others), min(keep, len(others)), generator)]
+        extra = again[len(again) - max(keep - len(others), 0) :]
+        if picks.dim() == 2:
+            extra = extra.expand(picks.shape[0], -1)
+        return torch.cat([picks, extra], dim=-1).sort(dim=-1).values
+
+    def best_rows(self, scores: torch.Tensor, keep: int) -> torch.Tensor:
+        """Ascending indices of the `keep` highest-scored rows, `[L, keep]` per layer or `[keep]` shared (summed
+        scores); among equal scores the later (newer) row stays."""
+        if not self.drops_per_layer(self.config):
+            scores = scores.sum(0, keepdim=True)
+        order = torch.arange(scores.shape[1], dtype=torch.float32) / (10.0 * scores.shape[1])  # tie-break: newer
+        picks = torch.topk(scores + 1e-3 * order, keep, dim=1).indices.sort(dim=1).values
+        return picks if self.drops_per_layer(self.config) else picks[0]
+
+
+# ----------------------------------------------------------------------------------------------------- scores
+def repeated_rows(first_last: torch.Tensor, visible: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """`[n]` bool: the `new` rows that repeat one of the `visible` rows: the same token (equal first-layer rows) after
+    the same tokens (close last-layer rows). With each text written on its own, this is the opening that every
+    framed text shares (`serving.Framing.text_head`): the memory reads it once."""
+    old = first_last[:, visible.to(first_last.device)]
+    repeated = torch.zeros(new.shape[1], dtype=torch.bool)
+    if old.shape[1] == 0 or new.shape[1] == 0:
+        return repeated
+    probe = torch.linspace(1.0, 2.0, new.shape[-1], device=new.device, dtype=new.dtype)
+    old_key, new_key = old[0] @ probe, new[0] @ probe
+    scale = 1e-5 * (old_key.abs().max() + 1)
+    pairs = ((new_key[:, None] - old_key[None]).abs() <= scale).nonzero()  # same token, probably
+    if len(pairs) == 0:
+        return repeated
+    fresh, seen = pairs[:, 0], pairs[:, 1]
+    same = torch.isclose(new[0, fresh], old[0, seen], rtol=1e-5, atol=1e-6).all(-1)
+    same &= torch.isclose(new[1, fresh], old[1, seen], rtol=1e-3, atol=1e-3).all(-1)
+    repeated[fresh[same].cpu()] = True
+    return repeated
+
+
+@torch.no_grad()
+def row_scores(model, delta: torch.Tensor) -> torch.Tensor:
+    """`[L, n]` float32 on the CPU: in every layer, each new row's rank in `[0, 1]` among the `n` rows by the attention
+    it received from the rows after it in the chunk (bos among the keys), as `config.attention_score` sums it."""
+    config = model.config
+    ranks = []
+    with active_adapter(config.injection_adapter):
+        for idx, layer in enumerate(model.model.layers):
+            weight = layer.input_layernorm.weight
+            rows = delta[idx].to(weight.device, weight.dtype)
+            if model.bos_embedding is not None:
+                rows = torch.cat([model.bos_embedding[idx].to(rows.dtype), rows])
+            received = _received_attention(model, layer, rows, config)[-delta.shape[1] :]
+            if config.attention_pool > 1:
+                pool = torch.nn.functional.max_pool1d
+                received = pool(received[None, None], config.attention_pool, 1, config.attention_pool // 2)[0, 0]
+            ranks.append(_ranks(received))
+    return torch.stack(ranks).cpu()
+
+
+def _received_attention(model, layer, rows: torch.Tensor, config) -> torch.Tensor:
+    """`[S]`: the attention each of `rows` `[S, d]` receives from the rows at or after it (causal, all heads)."""
+    attention, count = layer.self_attn, rows.shape[0]
+    hidden = layer.input_layernorm(rows)[None]
+    shape = (1, count, -1, attention.head_dim)
+    queries = attention.q_proj(hidden).view(shape).transpose(1, 2)
+    keys = attention.k_proj(hidden).view(shape).transpose(1, 2)
+    cos, sin = model.model.rotary_emb(hidden, torch.arange(count, device=rows.device)[None])
+    queries, keys = apply_rotary_pos_emb(queries, keys, cos, sin)
+    keys = repeat_kv(keys, queries.shape[1] // keys.shape[1])
+    logits = (queries @ keys.transpose(-1, -2)).float() * attention.scaling  # [1, H, S, S]
+    causal = torch.ones(count, count, dtype=torch.bool, device=rows.device).tril()
+    probs = logits.masked_fill(~causal, float("-inf")).softmax(-1)[0].sum(0)  # [S queries, S keys]
+    if config.attention_score == "sum":
+        return probs.sum(0)
+    if config.attention_score == "window":
+        return probs[-config.attention_window :].sum(0)
+    seen_by = torch.arange(count, 0, -1, device=rows.device, dtype=probs.dtype)  # queries at or after each key
+    relative = probs * torch.arange(1, count + 1, device=rows.device, dtype=probs.dtype)[:, None]
+    return relative.sum(0) / seen_by
+
+
+def _ranks(values: torch.Tensor) -> torch.Tensor:
+    """Each value's rank in `[0, 1]` (1: the largest); a single value ranks 1."""
+    count = values.shape[0]
+    ranks = torch.empty(count, dtype=torch.float32, device=values.device)
+    ranks[values.float().argsort()] = torch.arange(count, dtype=torch.float32, device=values.device)
+    return ranks / max(count - 1, 1) if count > 1 else torch.ones(1)
+
+
+__all__ = ["TrainingFreeRanked", "repeated_rows", "row_scores"]

@@ -1,0 +1,179 @@
+"""The `training-free-ranked` variant: each text written on its own, a full memory drops its least-attended rows."""
+
+import pytest
+import torch
+
+from modeling_memoryllm import MemoryLLMConfig, MemoryState
+from modeling_memoryllm.lora import active_adapter
+from modeling_memoryllm.memory_state_ranked import RankedMemoryState
+from modeling_memoryllm.variant_ranked import TrainingFreeRanked, row_scores
+from tests.tiny import tiny_config, tiny_model
+
+
+pytestmark = pytest.mark.filterwarnings("ignore:Injecting fewer than")
+
+
+def ranked(**options):
+    options = dict(memory_variant="training-free-ranked", num_tokens=4, num_blocks=3, max_inject_length=4) | options
+    options.setdefault("text_context", "own")
+    model = tiny_model(0, **options)
+    model.memory_state.reset()
+    return model
+
+
+def test_options_defaults_and_checks():
+    config = tiny_config(memory_variant="training-free-ranked", max_inject_length=12)
+    assert config.memory_drop == "attention" and config.attention_score == "mean" and config.attention_pool == 1
+    assert config.text_context == "own"
+    assert config.max_inject_length == config.num_tokens  # a chunk is stored whole
+    assert isinstance(MemoryLLMConfig(**config.to_dict()).variant, TrainingFreeRanked)  # survives a save
+    for bad in ({"memory_drop": "lru"}, {"attention_score": "max"}, {"attention_pool": 2}, {"text_context": "all"}):
+        with pytest.raises(ValueError):
+            tiny_config(memory_variant="training-free-ranked", **bad)
+    assert not hasattr(tiny_config(memory_variant="training-free"), "memory_drop")  # the released rules: untouched
+
+
+@torch.no_grad()
+def test_each_text_is_written_on_its_own_and_chunks_of_a_text_read_each_other():
+    model = ranked()
+    alone = model.new_memory_state()
+    model.inject([40, 41, 42], memory=alone)
+    after = model.new_memory_state()
+    model.inject([[5, 6, 7], [40, 41, 42]], memory=after)
+    torch.testing.assert_close(after.memory[:, -3:], alone.memory[:, -3:], rtol=0, atol=1e-6)
+    long = [50, 51, 52, 53, 54, 55]  # two chunks: the second reads the first
+    first_alone, both = model.new_memory_state(), model.new_memory_state()
+    model.inject(long, memory=both)
+    model.inject(long[4:], memory=first_alone)
+    assert not torch.allclose(both.memory[:, -2:], first_alone.memory[:, -2:])
+    after_other = model.new_memory_state()
+    model.inject([[5, 6, 7], long], memory=after_other)
+    torch.testing.assert_close(after_other.memory[:, -6:], both.memory[:, -6:], rtol=0, atol=1e-6)
+
+
+@torch.no_grad()
+def test_an_opening_that_texts_share_is_read_once():
+    model = ranked(num_blocks=4)
+    state = model.new_memory_state()
+    model.inject([[60, 61, 7], [60, 61, 9], [8, 60, 61]], memory=state)  # the last one has the tokens, not the opening
+    scores, visible = state.scores[:, -9:], model.variant.prefix_written(state)[1:]
+    assert scores[:, 3:5].eq(-1).all() and scores[:, :3].ge(0).all() and scores[:, 5:].ge(0).all()
+    assert visible[-9:].tolist() == [True, True, True, False, False, True, True, True, True]
+    # Reading it equals reading the same rows with the repeated ones never written (masked).
+    plain = MemoryState(state.memory.clone(), True, state.provenance.clone(), state.injections)
+    plain.provenance[:, -6:-4] = -1
+    reference = tiny_model(0, memory_variant="training-free", num_tokens=4, num_blocks=4, max_inject_length=4)
+    ids = torch.tensor([[3, 4, 5]])
+    torch.testing.assert_close(model(ids, memory=state).logits, reference(ids, memory=plain).logits)
+
+
+def test_a_full_memory_drops_the_lowest_scores_per_layer_older_first_among_equals():
+    model = ranked()
+    layers, rows = model.config.num_hidden_layers, model.config.memory_rows
+    state = RankedMemoryState(
+        torch.arange(rows, dtype=torch.float32).expand(layers, rows)[..., None].clone(),
+        True,
+        torch.tensor([[1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3]] * layers),
+        3,
+        torch.tensor([[0.0, 0.4, 0.9, 0.1, 0.5, 0.1, 1.0, 0.7, 0.3, 0.8, 0.2, 0.6], [0.5] * 12]),
+    )
+    delta = torch.full((layers, 3, 1), -1.0)
+    new = model.variant.updated(state, delta, torch.tensor([[0.5, 1.0, 0.0]] * layers), 4)
+    # Layer 0 drops its three lowest (0.0, then the older 0.1, then the newer 0.1); layer 1 ties everywhere: the
+    # three oldest go. Kept rows stay in order, the new ones follow.
+    assert new.memory[0, :, 0].tolist() == [1, 2, 4, 6, 7, 8, 9, 10, 11, -1, -1, -1]
+    assert new.memory[1, :, 0].tolist() == [3, 4, 5, 6, 7, 8, 9, 10, 11, -1, -1, -1]
+    assert new.provenance[0].tolist() == [1, 1, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4]
+    assert new.scores[0].tolist() == pytest.approx([0.4, 0.9, 0.5, 1.0, 0.7, 0.3, 0.8, 0.2, 0.6, 0.5, 1.0, 0.0])
+    shared = ranked(drop_memory_per_layer=False).variant.updated(state, delta, torch.zeros(layers, 3), 4)
+    assert torch.equal(shared.memory[0], shared.memory[1])  # one drop for every layer, by the summed scores
+
+
+@torch.no_grad()
+def test_random_drop_option_draws_as_the_training_free_rule():
+    fills = [[5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15], [16, 17, 18, 19], [20, 21]]
+    provenances = []
+    for variant in ("training-free", "training-free-ranked"):
+        model = tiny_model(
+            0, memory_variant=variant, num_tokens=4, num_blocks=3, max_inject_length=4, memory_drop="random"
+        )
+        state = model.new_memory_state()
+        model.inject(fills, memory=state, generator=torch.Generator().manual_seed(5))
+        provenances.append(state.provenance)
+    assert torch.equal(*provenances)
+
+
+@torch.no_grad()
+def test_row_scores_rank_the_attention_the_rows_receive():
+    model = ranked(attn_implementation="eager")
+    delta = torch.randn(
+        model.config.num_hidden_layers, 5, model.config.hidden_size, generator=torch.Generator().manual_seed(0)
+    )
+    scores = row_scores(model, delta)
+    for idx, layer in enumerate(model.model.layers):  # reference: the layer's own eager attention weights
+        rows = torch.cat([model.bos_embedding[idx], delta[idx]])[None]
+        hidden = layer.input_layernorm(rows)
+        positions = torch.arange(rows.shape[1])[None]
+        causal = torch.full((6, 6), float("-inf")).triu(1)[None, None]
+        with active_adapter(model.config.injection_adapter):  # the rows were written with the injection adapter
+            _, weights = layer.self_attn(hidden, model.model.rotary_emb(hidden, positions), attention_mask=causal)
+        probs = weights[0].sum(0)  # [queries, keys]
+        relative = probs * torch.arange(1, 7)[:, None]
+        received = relative.sum(0) / torch.arange(6, 0, -1)
+        expected = received[1:].argsort().argsort().float() / 4
+        assert torch.equal(scores[idx], expected), idx
+
+
+def test_files_keep_the_scores_and_plain_files_load(tmp_path):
+    model = ranked()
+    state = model.new_memory_state()
+    model.inject([[5, 6, 7, 8], [9, 10, 11]], memory=state)
+    path = tmp_path / "ranked.safetensors"
+    state.save(path, config=model.config)
+    loaded = model.load_memory_state(path)
+    assert isinstance(loaded, RankedMemoryState) and torch.equal(loaded.scores, state.scores)
+    assert torch.equal(loaded.memory, state.memory) and loaded.injections == 2
+    plain = MemoryState(state.memory.clone(), True, state.provenance.clone(), 2)
+    plain.save(tmp_path / "plain.safetensors", config=model.config)
+    from_plain = model.load_memory_state(tmp_path / "plain.safetensors")
+    assert (
+        from_plain.scores[state.provenance >= 0].eq(0.5).all() and from_plain.scores[state.provenance < 0].eq(0).all()
+    )
+    damaged = bytearray(path.read_bytes())
+    damaged[-1] ^= 1
+    (tmp_path / "damaged.safetensors").write_bytes(bytes(damaged))
+    with pytest.raises(ValueError, match="checksum"):
+        model.load_memory_state(tmp_path / "damaged.safetensors")
+
+
+@torch.no_grad()
+def test_reading_a_ranked_memory_is_the_training_free_reading():
+    model = ranked()
+    state = model.new_memory_state()
+    model.inject([[5, 6, 7, 8], [9, 10, 11]], memory=state)
+    reference = tiny_model(0, memory_variant="training-free", num_tokens=4, num_blocks=3, max_inject_length=4)
+    plain = MemoryState(state.memory.clone(), True, state.provenance.clone(), state.injections)
+    ids = torch.tensor([[3, 4, 5]])
+    torch.testing.assert_close(model(ids, memory=state).logits, reference(ids, memory=plain).logits)
+    copy = state.clone()
+    assert isinstance(copy, RankedMemoryState) and torch.equal(copy.scores, state.scores)
+    copy.reset()
+    assert copy.scores.eq(0).all() and not copy.initialized
+
+
+@torch.no_grad()
+def test_window_context_reads_the_last_rows_as_the_training_free_rule():
+    model = ranked(text_context="window")
+    reference = tiny_model(0, memory_variant="training-free", num_tokens=4, num_blocks=3, max_inject_length=4)
+    states = [model.new_memory_state(), reference.new_memory_state()]
+    model.inject([5, 6, 7], memory=states[0])
+    reference.inject([5, 6, 7], memory=states[1])
+    window = slice(8, 12)
+    assert model.variant.continues_text(states[0]) and not model.variant.writes_texts_apart
+    assert torch.equal(
+        model.variant.prefix_written(states[0], window), reference.variant.prefix_written(states[1], window)
+    )
+    alone = model.new_memory_state()
+    model.inject([40, 41, 42], memory=alone)
+    model.inject([40, 41, 42], memory=states[0])  # reads the text before it: other rows than alone
+    assert not torch.allclose(states[0].memory[:, -3:], alone.memory[:, -3:])
