@@ -398,23 +398,27 @@ def _peft_state(layer) -> tuple:
     return tuple(layer.active_adapters), bool(layer.disable_adapters), tuple(layer.merged_adapters)
 
 
+def reading_prefix_key(model) -> tuple:
+    """What a state's cached reading prefix depends on besides its rows: the weights, device, dtype and adapter."""
+    weight = model.model.embed_tokens.weight
+    return (weights_key(model), weight.device, weight.dtype, model.config.generation_adapter)
+
+
 def reading_prefix(model, state) -> SharedPrefix:
     """The prefix that forward/generate read, computed once per memory version (outside training) and cached on
     the state under a key of everything else it depends on. A memory that is not read (uninitialised) in a batch
     with memories that are gets a prefix that attention never sees."""
-    weight = model.model.embed_tokens.weight
-    adapter = model.config.generation_adapter
-    key = (weights_key(model), weight.device, weight.dtype, adapter)
+    key = reading_prefix_key(model)
     cached = None if model.training else state.cached_prefix(key)
     if cached is not None:
         return cached
     if model.variant.reads(state):
         with torch.set_grad_enabled(model.training and torch.is_grad_enabled()):
             slots = model.variant.prefix_slots(model.config)
-            keys, values = prefix_key_values(model, state.memory, slice(None), adapter, slots)
+            keys, values = prefix_key_values(model, state.memory, slice(None), key[-1], slots)
         prefix = SharedPrefix(keys, values, written=model.variant.prefix_written(state))
     else:
-        prefix = _unread_prefix(model, weight)
+        prefix = _unread_prefix(model, model.model.embed_tokens.weight)
     if not model.training:
         state.keep_prefix(key, prefix)
     return prefix

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from eval.runners.shared import SharedTexts
-from modeling_memoryllm.cache_memoryllm import reading_prefix
+from modeling_memoryllm.cache_memoryllm import reading_prefix, reading_prefix_key
 from tests.tiny import tiny_model
 
 
@@ -54,8 +54,10 @@ def test_shared_texts_equal_injecting_each_text(drop, context):
         assert_same_state(fast, reference)
         repeated = repeated or bool((fast.scores < 0).any())
         expected = reading_prefix(model, reference.clone())
-        prefix = reading_prefix(model, fast)  # the prefix put together from shared rows, cached on the state
-        assert prefix is fast.prefix and prefix.length == expected.length
+        cached = fast.cached_prefix(reading_prefix_key(model))  # put together from shared rows, under reading's key
+        prefix = reading_prefix(model, fast)
+        assert (cached is not None and prefix is cached) if states[0] is None else cached is None
+        assert prefix.length == expected.length
         assert torch.equal(prefix.written, expected.written) if expected.written is not None else prefix.written is None
         for layer in range(model.config.num_hidden_layers):
             for got, want in zip(prefix.layer(layer), expected.layer(layer)):

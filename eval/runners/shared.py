@@ -14,7 +14,7 @@ texts, gets the text injected as usual.
 import torch
 from transformers.models.llama.modeling_llama import rotate_half
 
-from modeling_memoryllm.cache_memoryllm import SharedPrefix
+from modeling_memoryllm.cache_memoryllm import SharedPrefix, reading_prefix_key
 from modeling_memoryllm.lora import active_adapter
 
 
@@ -55,9 +55,7 @@ class RowKeyValues:
 
     def cache_on(self, state, prefix: SharedPrefix) -> None:
         """Keep `prefix` on `state` as the prefix that reading it computes (the key of `reading_prefix`)."""
-        weight = self.model.model.embed_tokens.weight
-        key = (id(self.model), self.model.weights_version, weight.device, weight.dtype, self.adapter)
-        state.keep_prefix(key, prefix)
+        state.keep_prefix(reading_prefix_key(self.model), prefix)
 
 
 class Track:
