@@ -10,7 +10,9 @@ answer. Baselines in the same run: the model with an empty memory (no injection;
 turn), and with the context in the prompt (the same token ids as the memory holds, then the question).
 
 Where the variant writes each text on its own (`training-free-ranked`), the unrelated contexts' rows are computed
-once per run and written into every sample's memory with its own drop (`shared.SharedTexts`).
+once per run and written into every sample's memory with its own drop (`shared.SharedTexts`). Questions about the
+same context (SQuAD has several per paragraph) are batched together and share one memory of it, whose drop draws
+are seeded by the context's number (`context_index`), so a batched run equals an unbatched one.
 """
 
 import dataclasses
@@ -56,7 +58,9 @@ def select(records: list[dict], subject: common.Subject, args) -> tuple[list[dic
         if r["context"] not in reserved and len(answer_ids(subject, r["answers"][0])) <= args.max_answer_tokens
     ]
     random.Random(args.seed).shuffle(eligible)
-    return eligible[: args.limit], contexts[:needed]
+    chosen = eligible[: args.limit]
+    first_seen = {context: rank for rank, context in enumerate(dict.fromkeys(r["context"] for r in chosen))}
+    return sorted(chosen, key=lambda r: first_seen[r["context"]]), contexts[:needed]  # a context's questions together
 
 
 def framed_context(subject: common.Subject, text: str, args, frame: Framing, later=False) -> tuple[str, list[int]]:
@@ -69,7 +73,7 @@ def framed_context(subject: common.Subject, text: str, args, frame: Framing, lat
 def prepare(subject: common.Subject, records: list[dict], args, frame: Framing) -> list[dict]:
     """Token ids of each sample's framed context, question prompts (after the memory, and with none), in-context
     prompt and gold answer."""
-    samples = []
+    samples, context_numbers = [], {}
     for index, record in enumerate(records):
         context, context_ids = framed_context(subject, record["context"], args, frame)
         question = record["question"]
@@ -80,6 +84,7 @@ def prepare(subject: common.Subject, records: list[dict], args, frame: Framing) 
         samples.append(
             {
                 "index": index,
+                "context_index": context_numbers.setdefault(record["context"], len(context_numbers)),
                 "id": record["id"],
                 "question": question,
                 "answers": record["answers"],
@@ -161,16 +166,23 @@ class Retention(Benchmark):
         return prepare(subject, chosen, args, frame)
 
     def run_memory(self, run: Run, batch: list[dict]) -> None:
-        """Context into fresh memories, then unrelated contexts; ask at every k (outputs under `sample["memory"]`)."""
+        """Context into fresh memories, then unrelated contexts; ask at every k (outputs under `sample["memory"]`).
+        The questions of one context share its memory: one injection, with drop draws seeded by the context's number
+        (so a batched run equals an unbatched one)."""
         subject, args, texts = run.subject, run.args, run.shared["texts"]
-        states, generators = run.new_memories(batch)
-        subject.inject([sample["context_ids"] for sample in batch], states, generators)
+        group_of = {}  # context ids -> the memory of that context in this batch
+        memory_of = [group_of.setdefault(tuple(sample["context_ids"]), len(group_of)) for sample in batch]
+        leaders = [batch[memory_of.index(group)] for group in range(len(group_of))]
+        states = subject.new_states(len(leaders))
+        generators = common.sample_generators(args.seed, [sample["context_index"] for sample in leaders])
+        subject.inject([sample["context_ids"] for sample in leaders], states, generators)
         tracks, injected = [texts.track(state) for state in states], 0
         for k in args.ks:
             for index in range(injected, k):
                 tracks, states = texts.inject(index, tracks, states, generators)
             injected = k
-            for sample, output in zip(batch, ask(subject, batch, texts.states(tracks, states), args)):
+            memories = texts.states(tracks, states)
+            for sample, output in zip(batch, ask(subject, batch, [memories[g] for g in memory_of], args)):
                 sample.setdefault("memory", {})[str(k)] = output
 
     def run_baselines(self, run: Run, batch: list[dict]) -> None:

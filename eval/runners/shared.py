@@ -89,11 +89,13 @@ class Track:
 
 def pick_rows(numbers: torch.Tensor, own_rows: int, own: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
     """`[L, M, w]`: per layer, row `numbers[l, i]` of `own` (below `own_rows`) or of `pooled` (from `own_rows` on)."""
-    mine = numbers < own_rows
-    layer = torch.arange(numbers.shape[0])[:, None].expand_as(numbers)
     out = own.new_empty(*numbers.shape, own.shape[-1])
-    out[mine] = own[layer[mine], numbers[mine]]
-    out[~mine] = pooled[layer[~mine], numbers[~mine] - own_rows].to(out.device, out.dtype)
+    for layer, row_numbers in enumerate(numbers.to(own.device)):  # one gather per layer and source: no masks
+        mine = row_numbers < own_rows
+        slots_mine, slots_pooled = mine.nonzero().squeeze(1), (~mine).nonzero().squeeze(1)
+        out[layer].index_copy_(0, slots_mine, own[layer].index_select(0, row_numbers[slots_mine]))
+        picked = pooled[layer].index_select(0, (row_numbers[slots_pooled] - own_rows).to(pooled.device))
+        out[layer].index_copy_(0, slots_pooled, picked.to(out.device, out.dtype))
     return out
 
 
