@@ -152,7 +152,12 @@ VARIANTS = {
             "add_decoder_lora": True,
             "lora_config": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": LORA_TARGETS},
             "max_inject_length": 256,
-            "memory_variant": "training-free",
+            "memory_variant": "training-free-ranked",
+            "memory_drop": "attention",
+            "text_context": "own",
+            "attention_score": "mean",
+            "attention_window": 32,
+            "attention_pool": 1,
         },
         "rope": {"rope_type": "default", "rope_theta": 100000.0},
         "generation": {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2},
@@ -366,7 +371,8 @@ def test_model_card_body(name):
 def test_default_card_states_the_training_free_mode():
     text = ModelCard.load(folder("smollm2-135m-memoryllm") / "README.md").text
     assert "training-free memory mode" in text
-    assert '`memory_variant: "training-free"`' in text
+    assert '`memory_variant:\n> "training-free-ranked"`' in text and '`memory_drop: "attention"`' in text
+    assert "Inject with the chat framing" in text
     assert "**input** hidden states" in text
     assert "compressed KV cache" in text
     assert "adapters are untrained" in text
@@ -389,3 +395,13 @@ def test_7b_card_states_the_variant_and_the_deliberate_differences():
         "see the paper's experiments section",
     ):
         assert needle in text, needle
+
+
+def test_default_folder_config_is_the_embedded_defaults_memory():
+    """The published config of the default and the default that `load_default()` builds read the same memory rule."""
+    from modeling_memoryllm.default import DEFAULT_MEMORY
+    from modeling_memoryllm.variant_ranked import DEFAULT_OPTIONS
+
+    published = json.loads((folder("smollm2-135m-memoryllm") / "config.json").read_text())
+    embedded = {**DEFAULT_OPTIONS, **DEFAULT_MEMORY}
+    assert {key: published.get(key) for key in embedded} == embedded
