@@ -22,11 +22,11 @@ from .serving import (
 )
 
 
-DEMO_QUESTIONS = (
-    "Who built the lighthouse on Varden Island?",
-    "What was the name of the first keeper of the lighthouse?",
-    "Which ship's bell is kept in the museum?",
-)
+DEMO_QUESTIONS = (  # with the word each answer must hold (tests/test_default_and_cli.py)
+    ("Who built the lighthouse on Varden Island?", "Brekke"),
+    ("What was the name of the first keeper of the lighthouse?", "Moravec"),
+    ("What is the museum's most famous object?", "Aurora"),  # was "Which ship's bell is kept in the museum?",
+)  # which the 135M model misses with the passage in its prompt too
 
 
 class CommandError(Exception):
@@ -77,7 +77,7 @@ def cmd_demo(args) -> None:
     inject_framed(model, state, passage)
     tokens = len(model.tokenizer(passage, add_special_tokens=False).input_ids)
     print(f"Injected a {tokens}-token passage ({PASSAGE.name}) in {time.perf_counter() - start:.1f} s.\n")
-    for question in DEMO_QUESTIONS:
+    for question, _ in DEMO_QUESTIONS:
         start = time.perf_counter()
         with_memory = answer(model, state, question, args.max_new_tokens)
         middle = time.perf_counter()
@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memoryllm", description="MemoryLLM: inject text, then ask about it.")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="inject a bundled passage into the default model and ask about it")
-    demo.add_argument("--max-new-tokens", type=int, default=32)
+    demo.add_argument("--max-new-tokens", type=int, default=48)
     demo.set_defaults(run=cmd_demo)
     chat = commands.add_parser("chat", help="interactive session: questions, /inject, /save, /load, /stats")
     chat.add_argument("--model", help="model folder, .gguf file, or 'default' (the embedded default)")

@@ -54,9 +54,9 @@ def test_injected_passage_answers_questions(default_model):
     state = default_model.new_memory_state()
     serving.inject_framed(default_model, state, default.PASSAGE.read_text())
     assert state.injections == 2  # 307 tokens and the chat framing's opening, in chunks of 256
-    question = "What was the name of the first keeper of the lighthouse?"
-    assert "Moravec" in serving.answer(default_model, state, question, 24)
-    assert "Moravec" not in serving.answer(default_model, None, question, 24)
+    for question, needle in cli.DEMO_QUESTIONS:  # the demo's questions, at its default length
+        assert needle in serving.answer(default_model, state, question, 48), question
+        assert needle not in serving.answer(default_model, None, question, 48), question
 
 
 def test_cli_inject_then_ask(default_cache, tmp_path, capsys):
