@@ -264,7 +264,10 @@ def test_card_writes_the_model_index(tmp_path):
     retention = {
         "benchmark": "retention-squad",
         "config": {"split": "dev", "max_answer_tokens": 3},
-        "aggregates": {"memory": {"accuracy_by_k": {"0": 0.25, "1": 0.125}}, "no_injection": {"accuracy": 0.0}},
+        "aggregates": {
+            "memory": {"accuracy_by_k": {"0": 0.25, "1": 0.125}, "nll_by_k": {"0": 4.5, "1": 5.25}},
+            "no_injection": {"accuracy": 0.0},
+        },
         "samples": [{}] * 8,
     }
     editing = {
@@ -282,7 +285,9 @@ def test_card_writes_the_model_index(tmp_path):
     index = card.data.to_dict()["model-index"]
     assert index[0]["name"] == "smollm2-135m-memoryllm"
     entries = card.data.eval_results
-    assert len(entries) == 6 and {entry.task_type for entry in entries} == {"text-generation"}
+    assert len(entries) == 8 and {entry.task_type for entry in entries} == {"text-generation"}
+    nll = [entry for entry in entries if entry.metric_type == "nll"]
+    assert [(entry.metric_value, entry.dataset_split) for entry in nll] == [(4.5, "part-a"), (5.25, "part-a")]
     first = entries[0]
     assert (first.dataset_type, first.dataset_split, first.metric_type, first.metric_value) == (
         "rajpurkar/squad_v2",

@@ -239,9 +239,15 @@ class Retention(Benchmark):
         metric_args = {"max_answer_tokens": config.get("max_answer_tokens"), "samples": len(results["samples"])}
         fields = {"metric_args": metric_args, "dataset_type": dataset_type, "dataset_name": dataset_name}
         name = "Retention accuracy after {} unrelated injections (%)"
-        return [
+        nll_name = "Gold-answer NLL after {} unrelated injections (nats/token, lower is better)"
+        entries = [
             CardEntry("Knowledge retention", "accuracy", name.format(k), 100 * accuracy, fields)
             for k, accuracy in memory["accuracy_by_k"].items()
+        ]
+        return entries + [
+            CardEntry("Knowledge retention", "nll", nll_name.format(k), nll, fields)
+            for k, nll in memory.get("nll_by_k", {}).items()
+            if nll is not None
         ]
 
     def plot(self, results: dict, path, title: str):
