@@ -314,3 +314,38 @@ def test_main_dispatch(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "eval.bench.run", FakeBench)
     assert eval_main.main(["bench", "--quick"]) == 0
     assert seen == [["--quick"]]
+
+
+@needs_data
+def test_retention_shards_merge_into_the_whole_run(tokenizer_dir, tmp_path):
+    """`--offset` shards of one run, merged by `eval merge`: the samples and aggregates of the run in one go."""
+    argv = ["--ks", "0,1", "--max-answer-tokens", "12", "--batch-size", "3"]
+    whole = run_cli(
+        ["retention", *golden_args(tokenizer_dir, tmp_path / "whole.json"), *argv, "--limit", "5"],
+        tmp_path / "whole.json",
+    )
+    shards = []
+    for offset, limit in ((0, 2), (2, 3)):
+        out = tmp_path / f"shard{offset}.json"
+        shard_argv = [*golden_args(tokenizer_dir, out), *argv, "--offset", str(offset), "--limit", str(limit)]
+        shards.append(run_cli(["retention", *shard_argv], out))
+        assert len(shards[-1]["samples"]) == limit
+    out = tmp_path / "merged.json"
+    assert (
+        eval_main.main(["merge", str(tmp_path / "shard0.json"), str(tmp_path / "shard2.json"), "--out", str(out)]) == 0
+    )
+    merged = json.loads(out.read_text())
+    assert out.with_suffix(".png").exists()
+    merged_samples = sorted(merged["samples"], key=lambda sample: sample["index"])
+    assert [s["id"] for s in merged_samples] == [s["id"] for s in sorted(whole["samples"], key=lambda s: s["index"])]
+    for got, want in zip(merged_samples, sorted(whole["samples"], key=lambda sample: sample["index"])):
+        for k in ("0", "1"):  # other batches: the same tokens, scores equal up to padding's rounding
+            assert got["memory"][k]["prediction"] == want["memory"][k]["prediction"]
+            assert got["memory"][k]["answer_nll"] == pytest.approx(want["memory"][k]["answer_nll"], abs=1e-5)
+    for condition in ("memory", "no_injection", "in_context"):
+        got, want = merged["aggregates"][condition], whole["aggregates"][condition]
+        assert got["accuracy_by_k"] == want["accuracy_by_k"] and got["count_by_k"] == want["count_by_k"]
+        assert got["nll_by_k"] == pytest.approx(want["nll_by_k"], abs=1e-5)
+    assert merged["config"]["limit"] == 5 and merged["config"]["shard_limits"] == [2, 3]
+    with pytest.raises(ValueError, match="overlap"):
+        eval_main.main(["merge", str(tmp_path / "shard0.json"), str(tmp_path / "shard0.json"), "--out", str(out)])

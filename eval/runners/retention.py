@@ -58,9 +58,12 @@ def select(records: list[dict], subject: common.Subject, args) -> tuple[list[dic
         if r["context"] not in reserved and len(answer_ids(subject, r["answers"][0])) <= args.max_answer_tokens
     ]
     random.Random(args.seed).shuffle(eligible)
-    chosen = eligible[: args.limit]
-    first_seen = {context: rank for rank, context in enumerate(dict.fromkeys(r["context"] for r in chosen))}
-    return sorted(chosen, key=lambda r: first_seen[r["context"]]), contexts[:needed]  # a context's questions together
+    end = None if args.limit is None else args.offset + args.limit
+    chosen = eligible[args.offset : end]  # a shard of the fixed order (`--offset`)
+    numbers = {context: rank for rank, context in enumerate(dict.fromkeys(r["context"] for r in eligible))}
+    for record in chosen:
+        record["context_index"] = numbers[record["context"]]  # the same in every shard
+    return sorted(chosen, key=lambda r: r["context_index"]), contexts[:needed]  # a context's questions together
 
 
 def framed_context(subject: common.Subject, text: str, args, frame: Framing, later=False) -> tuple[str, list[int]]:
@@ -73,8 +76,8 @@ def framed_context(subject: common.Subject, text: str, args, frame: Framing, lat
 def prepare(subject: common.Subject, records: list[dict], args, frame: Framing) -> list[dict]:
     """Token ids of each sample's framed context, question prompts (after the memory, and with none), in-context
     prompt and gold answer."""
-    samples, context_numbers = [], {}
-    for index, record in enumerate(records):
+    samples = []
+    for index, record in enumerate(records, start=args.offset):
         context, context_ids = framed_context(subject, record["context"], args, frame)
         question = record["question"]
         prompt_ids = subject.encode(frame.question(question, ANSWER_PREFIX), special=frame.name != "chat")
@@ -84,7 +87,7 @@ def prepare(subject: common.Subject, records: list[dict], args, frame: Framing) 
         samples.append(
             {
                 "index": index,
-                "context_index": context_numbers.setdefault(record["context"], len(context_numbers)),
+                "context_index": record["context_index"],
                 "id": record["id"],
                 "question": question,
                 "answers": record["answers"],
@@ -144,6 +147,9 @@ class Retention(Benchmark):
         parser.add_argument("--max-answer-tokens", type=int, help="keep answers this short (default 3 SQuAD / 4 NQ)")
         parser.add_argument("--max-new-tokens", type=int, default=10)
         parser.add_argument("--framing", choices=FRAMINGS, help="chat (default for chat models) or raw")
+        parser.add_argument(
+            "--offset", type=int, default=0, help="skip this many samples of the fixed order (a shard; `eval merge`)"
+        )
         parser.add_argument(
             "--inject-each", action="store_true", help="inject the unrelated contexts into every memory (no sharing)"
         )
