@@ -314,7 +314,7 @@ class MemoryLLMForCausalLM(MemoryGenerationMixin, MemoryLLMPreTrainedModel, Llam
 
     def _injected_states(self, inputs, states, multiple: bool, generator, show_progress) -> list[PendingState]:
         items = token_lists(inputs, self._tokenize, self.config.vocab_size)
-        chunks = chunked(items, self.config.max_inject_length)
+        chunks = chunked(items, self.config.max_inject_length, self.variant.trained_on_long_texts)
         chunks = injection_states(chunks, states, multiple, self.config)
         return inject_chunks(self, chunks, states, generator, show_progress)
 

@@ -55,10 +55,11 @@ def token_lists(inputs, tokenize, vocab_size: int) -> list[list[int]]:
     )
 
 
-def chunked(items: list[list[int]], size: int) -> list[list[list[int]]]:
-    """Per input, its chunks of at most `size` tokens; warns about chunks too short for a trained memory."""
+def chunked(items: list[list[int]], size: int, warn_short: bool = True) -> list[list[list[int]]]:
+    """Per input, its chunks of at most `size` tokens; warns about chunks too short for a trained memory
+    (`warn_short`)."""
     chunks = [[ids[i : i + size] for i in range(0, len(ids), size)] for ids in items]
-    if any(len(chunk) < MIN_TRAINED_TOKENS for per_input in chunks for chunk in per_input):
+    if warn_short and any(len(chunk) < MIN_TRAINED_TOKENS for per_input in chunks for chunk in per_input):
         logger.warning(
             "Injecting fewer than %d tokens: the model was trained on longer text, so this mostly disturbs the memory.",
             MIN_TRAINED_TOKENS,

@@ -69,6 +69,7 @@ class MemoryVariant:
     name: ClassVar[str]
     aliases: ClassVar[tuple[str, ...]] = ()
     state_class: ClassVar[type] = MemoryState
+    trained_on_long_texts: ClassVar[bool] = True  # a chunk much shorter than training's disturbs the memory: warn
 
     def __init__(self, config):
         self.config = config
@@ -212,6 +213,7 @@ class TrainingFree(MemoryVariant):
 
     name = "training-free"
     aliases = ("input",)
+    trained_on_long_texts = False  # a short text's rows are its own KV cache, as good as a long one's
 
     def injection_plan(self, initialized: bool, length: int) -> InjectionPlan:
         return InjectionPlan(min(self.config.num_tokens, length), 0, initialized, True)

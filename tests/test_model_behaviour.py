@@ -126,6 +126,14 @@ def test_short_text_warns(model, caplog):
     assert "fewer than 16 tokens" in caplog.text
 
 
+def test_short_text_does_not_warn_in_the_training_free_modes(caplog):
+    for variant in ("training-free", "training-free-ranked"):
+        model = tiny_model(0, memory_variant=variant, num_tokens=4, num_blocks=3, max_inject_length=4)
+        with caplog.at_level("WARNING"):
+            model.inject([5, 6, 7], memory=model.new_memory_state(), show_progress=False)
+        assert "fewer than" not in caplog.text, variant
+
+
 @torch.no_grad()
 def test_plain_llama_equivalence():
     config = MemoryLLMConfig(
