@@ -153,7 +153,7 @@ VARIANTS = {
             "lora_config": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": LORA_TARGETS},
             "max_inject_length": 256,
             "memory_variant": "training-free-ranked",
-            "memory_drop": "attention",
+            "memory_drop": "random",
             "text_context": "own",
             "attention_score": "mean",
             "attention_window": 32,
@@ -371,7 +371,7 @@ def test_model_card_body(name):
 def test_default_card_states_the_training_free_mode():
     text = ModelCard.load(folder("smollm2-135m-memoryllm") / "README.md").text
     assert "training-free memory mode" in text
-    assert '`memory_variant:\n> "training-free-ranked"`' in text and '`memory_drop: "attention"`' in text
+    assert '`memory_variant:\n> "training-free-ranked"`' in text and '`memory_drop: "random"`' in text
     assert "Inject with the chat framing" in text
     assert "**input** hidden states" in text
     assert "compressed KV cache" in text
