@@ -7,8 +7,8 @@ while a query still attends only 2k prefix rows, cheap on a CPU. One memory take
 
 Memory rule: `training-free-ranked` (`variant_ranked.py`): every text is written on its own (its rows are its own
 key/value cache), the opening that chat-framed texts share is read once, and a full memory drops old rows at
-random (`memory_drop: "random"`; the variant's attention drop, measured against it on part-a, lost). Texts are injected and questions asked with the chat framing of
-`serving.framing_for`.
+random (`memory_drop: "random"`; the variant's attention drop, measured against it on part-a, lost). Texts are
+injected and questions asked with the chat framing of `serving.framing_for`.
 """
 
 import hashlib

@@ -349,3 +349,32 @@ def test_retention_shards_merge_into_the_whole_run(tokenizer_dir, tmp_path):
     assert merged["config"]["limit"] == 5 and merged["config"]["shard_limits"] == [2, 3]
     with pytest.raises(ValueError, match="overlap"):
         eval_main.main(["merge", str(tmp_path / "shard0.json"), str(tmp_path / "shard0.json"), "--out", str(out)])
+
+
+@needs_data
+def test_retention_texts_in_prompt_baseline_holds_the_k_texts(tokenizer_dir, tmp_path, monkeypatch):
+    """`texts_in_prompt`: at every k, the context, the first k unrelated contexts and the question in one prompt."""
+    from eval.runners import retention
+
+    asked = []
+    real_ask = retention.ask
+
+    def recording_ask(subject, batch, memory, args, prompt_key="prompt_ids"):
+        if prompt_key == "k_prompt_ids":
+            asked.append([sample[prompt_key] for sample in batch])
+        return real_ask(subject, batch, memory, args, prompt_key)
+
+    monkeypatch.setattr(retention, "ask", recording_ask)
+    out = tmp_path / "texts.json"
+    argv = [*golden_args(tokenizer_dir, out), "--ks", "0,2", "--max-answer-tokens", "12"]
+    results = run_cli(["retention", *argv, "--baselines", "texts_in_prompt,in_context"], out)
+    texts = results["aggregates"]["texts_in_prompt"]
+    assert texts["count_by_k"] == {"0": 2, "2": 2}
+    assert all(math.isfinite(nll) for nll in texts["nll_by_k"].values())
+    lengths = [[len(row) for row in rows] for rows in asked]  # per k, per sample
+    extra = sum(
+        results["config"]["unrelated_context_tokens"][:2]
+    )  # the two unrelated contexts' framed tokens, at least
+    assert all(with_texts - alone >= extra for alone, with_texts in zip(lengths[0], lengths[1]))
+    for sample in results["samples"]:
+        check_output(sample["texts_in_prompt"]["2"])

@@ -17,6 +17,7 @@ from ..paths import METRICS, RESULTS
 
 
 DEFAULT_NAME = "smollm2-135m-memoryllm"
+BASELINES = ("no_injection", "in_context", "texts_in_prompt")  # texts_in_prompt: retention only
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -29,7 +30,11 @@ def common_arguments(parser: argparse.ArgumentParser, default_batch: int = 4) ->
     parser.add_argument("--limit", type=int, help="evaluate at most this many samples")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=default_batch, help="samples (memories) per batch")
-    parser.add_argument("--baselines", default="no_injection,in_context", help="comma list, or 'none'")
+    parser.add_argument(
+        "--baselines",
+        default="no_injection,in_context",
+        help="comma list, or 'none' (retention also has texts_in_prompt: the context and the k unrelated ones)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--out", help="result JSON path (a PNG plot is written beside it)")
@@ -45,9 +50,9 @@ def common_arguments(parser: argparse.ArgumentParser, default_batch: int = 4) ->
 
 def baselines(args) -> list[str]:
     names = [] if args.baselines in ("", "none") else args.baselines.split(",")
-    unknown = set(names) - {"no_injection", "in_context"}
+    unknown = set(names) - set(BASELINES)
     if unknown:
-        raise ValueError(f"unknown baselines {sorted(unknown)}: use no_injection, in_context or none")
+        raise ValueError(f"unknown baselines {sorted(unknown)}: use {', '.join(BASELINES)} or none")
     return names
 
 

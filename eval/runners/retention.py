@@ -167,6 +167,7 @@ class Retention(Benchmark):
         chosen, unrelated = select(records, subject, args)
         later = subject.is_memory and not getattr(subject.model.variant, "writes_texts_apart", False)
         run.shared["unrelated"] = [framed_context(subject, text, args, frame, later)[1] for text in unrelated]
+        run.shared["unrelated_in_prompt"] = [framed_context(subject, text, args, frame, True)[1] for text in unrelated]
         if subject.is_memory:
             run.shared["texts"] = SharedTexts(subject.model, run.shared["unrelated"], share=not args.inject_each)
         return prepare(subject, chosen, args, frame)
@@ -202,6 +203,21 @@ class Retention(Benchmark):
             by_index = {sample["index"]: output for sample, output in zip(fits, outputs)}
             for sample in batch:
                 sample["in_context"] = by_index.get(sample["index"])  # None: the context does not fit
+        if "texts_in_prompt" in run.baselines:
+            self.texts_in_prompt(run, batch)
+
+    def texts_in_prompt(self, run: Run, batch: list[dict]) -> None:
+        """The baseline of the memory at every k: the context, then the first k unrelated contexts (each continuing
+        the user turn, as one prompt holds them), then the question, all in the prompt; `None` where it does not
+        fit."""
+        subject, args, texts = run.subject, run.args, run.shared["unrelated_in_prompt"]
+        for k in args.ks:
+            rows = [s["context_ids"] + [t for text in texts[:k] for t in text] + s["prompt_ids"] for s in batch]
+            fits = [i for i, row in enumerate(rows) if len(row) + args.max_new_tokens <= subject.max_positions]
+            asked = [{**batch[i], "k_prompt_ids": rows[i]} for i in fits]
+            outputs = dict(zip(fits, ask(subject, asked, None, args, "k_prompt_ids") if asked else []))
+            for i, sample in enumerate(batch):
+                sample.setdefault("texts_in_prompt", {})[str(k)] = outputs.get(i)
 
     def aggregate(self, run: Run, samples: list[dict]) -> dict:
         metric = common.load_metric("knowledge_retention")
@@ -210,6 +226,11 @@ class Retention(Benchmark):
             outputs = [(k, s["answers"], s["memory"][str(k)]) for k in run.args.ks for s in samples]
             results["memory"] = _compute(metric, outputs)
         for name in run.baselines:
+            if name == "texts_in_prompt":  # by k, as the memory
+                by_k = [(k, s["answers"], s[name][str(k)]) for k in run.args.ks for s in samples]
+                outputs = [output for output in by_k if output[2] is not None]
+                results[name] = _compute(metric, outputs) if outputs else None
+                continue
             outputs = [(0, s["answers"], s[name]) for s in samples if s.get(name) is not None]
             results[name] = _compute(metric, outputs) if outputs else None
         return results
@@ -238,6 +259,9 @@ class Retention(Benchmark):
         for name in ("no_injection", "in_context"):
             if aggregates.get(name):
                 print(f"{name}: accuracy {aggregates[name]['accuracy']:.3f}, NLL {aggregates[name]['mean_nll']:.3f}")
+        texts = aggregates.get("texts_in_prompt")
+        for k, accuracy in (texts or {}).get("accuracy_by_k", {}).items():
+            print(f"texts_in_prompt k={k}: accuracy {accuracy:.3f}, NLL {texts['nll_by_k'].get(k, float('nan')):.3f}")
 
     def card_entries(self, results: dict, memory: dict) -> list[CardEntry]:
         config = results["config"]
@@ -262,10 +286,11 @@ class Retention(Benchmark):
         figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
         aggregates = results["aggregates"]
         for axis, key, label in ((left, "accuracy", "accuracy"), (right, "nll", "gold-answer NLL (nats/token)")):
-            memory = aggregates.get("memory")
-            if memory:
-                ks = sorted(int(k) for k in memory[f"{key}_by_k"])
-                axis.plot(ks, [memory[f"{key}_by_k"][k] for k in ks], marker="o", label="memory")
+            for name, marker in (("memory", "o"), ("texts_in_prompt", "s")):  # curves by k
+                curve = aggregates.get(name)
+                if curve:
+                    by_k = {int(k): value for k, value in curve[f"{key}_by_k"].items()}  # int keys, or str from JSON
+                    axis.plot(sorted(by_k), [by_k[k] for k in sorted(by_k)], marker=marker, label=name)
             for name, style in (("no_injection", "--"), ("in_context", ":")):
                 if aggregates.get(name):
                     value = aggregates[name]["accuracy" if key == "accuracy" else "mean_nll"]
