@@ -51,12 +51,15 @@ class MemoryUpdate:
         kept (`torch.Tensor`, *optional*): ascending indices of the surviving rows, shared `[keep]` or per layer
             `[num_layers, keep]`; `None`: the first write into an empty memory, which tiles `delta`.
         replacement (`MemoryState`, *optional*): a variant's own new state (M+), which the update becomes.
+        scores (`torch.Tensor` of shape `[num_layers, memory_rows]`, *optional*): the rows' drop scores after the
+            update, for states that keep them (`RankedMemoryState`); plain states ignore them.
     """
 
     delta: torch.Tensor | None
     injection: int
     kept: torch.Tensor | None = None
     replacement: "MemoryState | None" = None
+    scores: torch.Tensor | None = None
 
 
 # A little over 200 lines: a state's data, its updates, its cached prefix and its files belong together.

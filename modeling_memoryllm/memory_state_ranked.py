@@ -15,6 +15,7 @@ from .memory_state import (
     FORMAT,
     FORMAT_VERSION,
     MemoryState,
+    MemoryUpdate,
     _check_against_config,
     _read_safetensors,
     _verify_checksum,
@@ -50,13 +51,24 @@ class RankedMemoryState(MemoryState):
             state.scores = like.scores
         return state
 
-    def appended_scored(self, kept: torch.Tensor, delta: torch.Tensor, delta_scores: torch.Tensor, injection: int):
-        """`MemoryState.appended` (`[rows at kept; delta]`), keeping the kept rows' scores and adding `delta_scores`
-        `[L, n]` for the new rows. A new state."""
-        base = self.appended(kept, delta, injection)
-        kept_scores = self.scores[:, kept] if kept.dim() == 1 else self.scores.gather(1, kept.cpu())
-        scores = torch.cat([kept_scores, delta_scores.to("cpu", torch.float32)], dim=1)
-        return RankedMemoryState(base.memory, True, base.provenance, base.injections, scores)
+    def scores_after(self, kept: torch.Tensor, delta_scores: torch.Tensor) -> torch.Tensor:
+        """`[L, M]`: the scores of the rows at `kept` (`[keep]` or `[L, keep]`), then `delta_scores` `[L, n]`."""
+        kept = kept.cpu()
+        kept_scores = self.scores[:, kept] if kept.dim() == 1 else self.scores.gather(1, kept)
+        return torch.cat([kept_scores, delta_scores.to("cpu", torch.float32)], dim=1)
+
+    def updated(self, update: MemoryUpdate) -> "RankedMemoryState":
+        """`MemoryState.updated`, with the scores the update carries. A new state."""
+        base = super().updated(update)
+        if isinstance(base, RankedMemoryState):
+            return base
+        return RankedMemoryState(base.memory, base.initialized, base.provenance, base.injections, update.scores)
+
+    def update_(self, update: MemoryUpdate, source: "MemoryState | None" = None) -> None:
+        """`MemoryState.update_` (in place, one pass over the memory), with the scores the update carries."""
+        super().update_(update, source)
+        if update.replacement is None:
+            self.scores = update.scores.clone() if update.scores is not None else self._unknown_scores()
 
     def take(self, other: "MemoryState") -> None:
         super().take(other)

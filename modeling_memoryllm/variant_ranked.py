@@ -114,16 +114,12 @@ class TrainingFreeRanked(TrainingFree):
         return (state.provenance[0] != EMPTY_ROWS) & (state.scores[0] >= 0)
 
     def planned_update(self, state, delta: torch.Tensor, injection: int, generator=None, model=None) -> MemoryUpdate:
-        """The new state with its scores, as the update (`MemoryUpdate.replacement`): the scores move with the rows."""
-        return MemoryUpdate(delta, injection, replacement=self.update(state, delta, injection, generator, model=model))
-
-    def update(self, state, delta: torch.Tensor, injection: int, generator=None, model=None):
         """Write `delta` `[L, n, d]` (never-written rows first); once full, drop repeated rows, then by score (or
-        at random)."""
+        at random). The rows' new scores travel with the update (`MemoryUpdate.scores`), applied in place."""
         scores = self.write_scores(model, delta)
         first_last = state.memory[[0, -1]].to(delta.device, delta.dtype)
         scores = self.marked(first_last, self.visible(state), delta[[0, -1]], scores)
-        return self.updated(state, delta, scores, injection, generator)
+        return self.planned(state, delta, scores, injection, generator)
 
     @staticmethod
     def marked(first_last: torch.Tensor, visible: torch.Tensor, new: torch.Tensor, scores: torch.Tensor):
@@ -144,8 +140,12 @@ class TrainingFreeRanked(TrainingFree):
         return row_scores(model, delta)
 
     def updated(self, state, delta: torch.Tensor, scores: torch.Tensor, injection: int, generator=None):
-        """`update` with the new rows' `scores` `[L, n]` given (e.g. computed once for a text written into many
-        memories)."""
+        """The new state after writing `delta` with the new rows' `scores` `[L, n]` given (e.g. computed once for a
+        text written into many memories)."""
+        return state.updated(self.planned(state, delta, scores, injection, generator))
+
+    def planned(self, state, delta: torch.Tensor, scores: torch.Tensor, injection: int, generator=None):
+        """The `MemoryUpdate` of `updated`."""
         new = min(delta.shape[1], state.memory.shape[1])
         delta, scores = delta[:, -new:], scores[:, -new:]
         written, keep_written, kept = self.rows_with_room(state, new)
@@ -153,7 +153,7 @@ class TrainingFreeRanked(TrainingFree):
             kept = self.random_rows(written, state.scores[0, written] < 0, keep_written, generator)
         elif kept is None:
             kept = written[self.best_rows(state.scores[:, written], keep_written)]
-        return state.appended_scored(kept, delta, scores, injection)
+        return MemoryUpdate(delta, injection, kept=kept, scores=state.scores_after(kept, scores))
 
     def random_rows(self, written: torch.Tensor, repeated: torch.Tensor, keep: int, generator) -> torch.Tensor:
         """The training-free rule's uniform draw of `keep` of the `written` rows, repeated rows dropped first (the

@@ -177,3 +177,26 @@ def test_window_context_reads_the_last_rows_as_the_training_free_rule():
     model.inject([40, 41, 42], memory=alone)
     model.inject([40, 41, 42], memory=states[0])  # reads the text before it: other rows than alone
     assert not torch.allclose(states[0].memory[:, -3:], alone.memory[:, -3:])
+
+
+@torch.no_grad()
+def test_injection_writes_rows_and_scores_in_place_as_the_update_computes_them(monkeypatch):
+    model = ranked()
+    state = model.new_memory_state()
+    for start in range(10, 40, 4):  # seven texts: the memory of 12 rows is full after three
+        model.inject(list(range(start, start + 3)), memory=state)
+    storage, before = state.memory.data_ptr(), state.clone()
+    ids = [70, 71, 72]
+    delta = model.compute_delta(torch.tensor([ids]), before)[0]
+    expected = model.variant.update(before, delta, before.injections + 1, model=model)  # the functional update
+
+    def copied(self, other):
+        raise AssertionError("a new state was copied in: not one pass in place")
+
+    monkeypatch.setattr(RankedMemoryState, "take", copied)
+    model.inject(ids, memory=state)
+    assert state.memory.data_ptr() == storage  # written in place, no replacement state
+    assert isinstance(state, RankedMemoryState) and torch.equal(state.provenance, expected.provenance)
+    torch.testing.assert_close(state.memory, expected.memory)
+    torch.testing.assert_close(state.scores, expected.scores)
+    assert not torch.equal(state.scores, before.scores)
