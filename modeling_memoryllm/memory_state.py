@@ -285,6 +285,12 @@ class MemoryState:
 
     def save(self, path: str | os.PathLike, config: MemoryLLMConfig | None = None) -> None:
         """Save with safetensors, atomically: a temporary file in the same folder, then a rename."""
+        tensors, metadata = self.file_contents(config)
+        metadata[CHECKSUM_KEY] = checksum(tensors, metadata)
+        _write_atomically(tensors, metadata, os.fspath(path))
+
+    def file_contents(self, config: MemoryLLMConfig | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The tensors and metadata `save` writes (before the checksum); a subclass adds its own."""
         metadata = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -294,8 +300,7 @@ class MemoryState:
         if config is not None:
             metadata["config"] = json.dumps(config_fingerprint(config), sort_keys=True)
         tensors = {"memory": self.memory.detach().contiguous().cpu(), "provenance": self.provenance.contiguous()}
-        metadata[CHECKSUM_KEY] = checksum(tensors, metadata)
-        _write_atomically(tensors, metadata, os.fspath(path))
+        return tensors, metadata
 
     @classmethod
     def load(

@@ -4,24 +4,18 @@ the lowest scores first. Files hold the scores next to the rows (same checks as 
 finite values, config fingerprint, atomic write); a plain `MemoryState` file loads with every score 0.5.
 """
 
-import json
 import os
 
 import torch
 from safetensors import safe_open
 
 from .memory_state import (
-    CHECKSUM_KEY,
     FORMAT,
-    FORMAT_VERSION,
     MemoryState,
     MemoryUpdate,
     _check_against_config,
     _read_safetensors,
     _verify_checksum,
-    _write_atomically,
-    checksum,
-    config_fingerprint,
 )
 
 
@@ -93,21 +87,12 @@ class RankedMemoryState(MemoryState):
         return RankedMemoryState(memory, self.initialized, provenance, self.injections, scores)
 
     # ------------------------------------------------------------------------------------------------- files
-    def save(self, path: str | os.PathLike, config=None) -> None:
-        """Save rows, provenance and scores with safetensors, atomically."""
-        metadata = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "variant": VARIANT,
-            "initialized": str(int(self.initialized)),
-            "injections": str(self.injections),
-        }
-        if config is not None:
-            metadata["config"] = json.dumps(config_fingerprint(config), sort_keys=True)
-        tensors = {"memory": self.memory.detach().contiguous().cpu(), "provenance": self.provenance.contiguous()}
+    def file_contents(self, config=None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """`MemoryState`'s file (saved by its `save`), with the scores and the variant's name."""
+        tensors, metadata = super().file_contents(config)
         tensors["scores"] = self.scores.contiguous()
-        metadata[CHECKSUM_KEY] = checksum(tensors, metadata)
-        _write_atomically(tensors, metadata, os.fspath(path))
+        metadata["variant"] = VARIANT
+        return tensors, metadata
 
     @classmethod
     def load(cls, path: str | os.PathLike, config=None, device=None, dtype=None) -> "RankedMemoryState":
