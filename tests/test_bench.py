@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MEASURES = {"ttft", "per_query_cost", "injection", "decode", "size", "gpu_8b"}
 RATIOS = {
     "ttft": {"cached_vs_plain", "recompute_vs_cached", "in_context_vs_cached"},
-    "per_query_cost": {"last_vs_first", "max_vs_min"},
+    "per_query_cost": {"last_vs_first", "max_vs_min", "control_max_vs_min"},
     "injection": {"inject_vs_forward", "batched_1_vs_sequential", "batched_2_vs_sequential"},
     "decode": {"memory_vs_plain_tokens_per_s"},
     "size": {"nbytes_vs_formula", "file_vs_formula"},
@@ -84,6 +84,11 @@ def test_quick_measure_details(quick):
     assert points[0] == 1024 and points[-1] == 1_048_576
     assert {row["injected"] for row in cost["memoryllm"]} == {"measured", "simulated"}
     assert any(row["fits"] for row in cost["in_context"]) and not cost["in_context"][-1]["fits"]
+    control = [cost["memoryllm"][0]["median_s"], cost["control"]["median_s"]]  # the first point, timed twice
+    assert cost["ratios"]["control_max_vs_min"] == max(control) / min(control)
+    assert cost["control"]["repeats"] == cost["memoryllm"][0]["repeats"]
+    expected = measures["ttft"]["ratios"]["recompute_expected"]
+    assert expected["recompute_flops"] > expected["cached_flops"] and expected["ratio"] > 1
     assert [b["memories"] for b in measures["injection"]["batched"]] == [1, 2]
     size = measures["size"]
     assert size["state_nbytes"] == size["formula_bytes"] == 2 * 64 * 64 * 4
@@ -154,6 +159,10 @@ def test_floors_follow_the_shapes():
     assert ttft["memory_flops"] - ttft["plain_flops"] == extra and ttft["ratio"] > 1
     decode = floors.decode_floor(shape, 10)
     assert decode["memory_bytes"] - decode["plain_bytes"] == shape.key_value_bytes(shape.prefix)
+    recompute = floors.recompute_expectation(shape, 16)  # the cached prefill plus the prefix's k/v projections
+    kv_weights = 2 * shape.hidden * shape.kv_heads * shape.head_dim
+    assert recompute["cached_flops"] == ttft["memory_flops"]
+    assert recompute["recompute_flops"] - ttft["memory_flops"] == shape.layers * 2 * shape.prefix * kv_weights
     injection = floors.injection_floor(model, model.config.max_inject_length, 0.01)
     assert injection["ratio"] == injection["injection_flops"] / injection["plain_flops"] + 0.01
 

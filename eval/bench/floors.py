@@ -110,6 +110,15 @@ def ttft_floor(shape: Shape, query: int) -> dict:
     return {"bound": "compute", "memory_flops": memory, "plain_flops": plain, "ratio": memory / plain}
 
 
+def recompute_expectation(shape: Shape, query: int) -> dict:
+    """A prefill with the prefix recomputed per call (the original code) vs cached: the cached prefill plus the
+    prefix's key/value projections in every layer (`L * 2 * P * Wkv` FLOPs). Not a floor but the ratio the cache
+    saves at most if both run at the same rate: a target above it asks for more than the FLOPs allow."""
+    cached = ttft_floor(shape, query)["memory_flops"]
+    recomputed = cached + shape.layers * shape.key_value_flops(shape.prefix)
+    return {"bound": "compute", "cached_flops": cached, "recompute_flops": recomputed, "ratio": recomputed / cached}
+
+
 def injection_floor(model: MemoryLLMForCausalLM, tokens: int, memory_pass_share: float | None) -> dict:
     """One injection of `tokens` tokens into a full memory vs a plain forward over them with all logits: the pass
     (its prefix keys/values, attention behind them, only the written rows in the last layer) plus one pass over the
@@ -144,4 +153,4 @@ def decode_floor(shape: Shape, past: int) -> dict:
     return {"bound": "bandwidth", "memory_bytes": memory, "plain_bytes": plain, "ratio": memory / plain}
 
 
-__all__ = ["Shape", "causal_pairs", "decode_floor", "injection_floor", "ttft_floor"]
+__all__ = ["Shape", "causal_pairs", "decode_floor", "injection_floor", "recompute_expectation", "ttft_floor"]

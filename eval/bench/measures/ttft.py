@@ -5,7 +5,7 @@ import torch
 
 from modeling_memoryllm import MemoryState
 
-from ..floors import Shape, ttft_floor
+from ..floors import Shape, recompute_expectation, ttft_floor
 from ..timing import ratio, summary
 from .base import Bench, Context, Measure, median, prefill, recompute_prefill, target
 from .cells import fmt, ms, row
@@ -20,7 +20,7 @@ def measure_ttft(bench: Bench, state: MemoryState, stream: torch.Tensor, injecte
     samples = bench.time(
         {**_variants(model, query, state, plain), "in_context": lambda: prefill(model, context, plain)}
     )
-    ratios = _ttft_ratios(samples, ttft_floor(Shape.of(model), bench.query_tokens))
+    ratios = _ttft_ratios(samples, Shape.of(model), bench.query_tokens)
     ratios["in_context_vs_cached"] = ratio(median(samples["in_context"]), median(samples["cached"]))
     sweep = [_ttft_at(bench, state, tokens) for tokens in bench.sweep_query_tokens]
     return {
@@ -55,12 +55,16 @@ def _variants(model, query: torch.Tensor, state: MemoryState, plain: MemoryState
     }
 
 
-def _ttft_ratios(samples: dict[str, list[float]], floor: dict) -> dict:
+def _ttft_ratios(samples: dict[str, list[float]], shape: Shape, tokens: int) -> dict:
+    """The measured ratios of a query of `tokens` tokens, with the floor of cached / plain and the FLOP expectation
+    of recomputed / cached (`floors.recompute_expectation`)."""
     med = {name: median(s) for name, s in samples.items()}
     cached_vs_plain = ratio(med["cached"], med["plain"])
+    floor = ttft_floor(shape, tokens)
     return {
         "cached_vs_plain": cached_vs_plain,
         "recompute_vs_cached": ratio(med["recompute"], med["cached"]),
+        "recompute_expected": recompute_expectation(shape, tokens),
         "floor": floor,
         "cached_vs_plain_vs_floor": ratio(cached_vs_plain, floor["ratio"]),
     }
@@ -70,7 +74,7 @@ def _ttft_at(bench: Bench, state: MemoryState, tokens: int) -> dict:
     """Plain, cached and recomputed TTFT for a query of `tokens` tokens (the ratios depend on the query length)."""
     model = bench.model
     samples = bench.time(_variants(model, bench.query(tokens), state, model.new_memory_state()))
-    ratios = _ttft_ratios(samples, ttft_floor(Shape.of(model), tokens))
+    ratios = _ttft_ratios(samples, Shape.of(model), tokens)
     return {"query_tokens": tokens, "variants": {k: summary(s) for k, s in samples.items()}, **ratios}
 
 
@@ -91,7 +95,13 @@ def rows(ttft: dict) -> list[list[str]]:
             1, f"{name}, memory KV cached vs plain backbone", cached, plain, fmt(r["cached_vs_plain"]), t[0], r["floor"]
         ),
         row(
-            1, f"{name}, memory recomputed per call vs cached", recompute, cached, fmt(r["recompute_vs_cached"]), t[-1]
+            1,
+            f"{name}, memory recomputed per call vs cached (Floor: what the prefix's FLOPs predict)",
+            recompute,
+            cached,
+            fmt(r["recompute_vs_cached"]),
+            t[-1],
+            r.get("recompute_expected"),
         ),
         row(1, f"{name}, {injected} vs cached", in_context, cached, fmt(r["in_context_vs_cached"])),
     ]
@@ -99,7 +109,8 @@ def rows(ttft: dict) -> list[list[str]]:
         v = point["variants"]
         text = (
             f"TTFT, {point['query_tokens']}-token query: cached vs plain; recomputed per call vs cached "
-            f"{fmt(point['recompute_vs_cached'])}x ({ms(v['recompute']['median_s'])})"
+            f"{fmt(point['recompute_vs_cached'])}x ({ms(v['recompute']['median_s'])}, FLOPs predict "
+            f"{fmt(point['recompute_expected']['ratio']) if 'recompute_expected' in point else '–'}x)"
         )
         times = ms(v["cached"]["median_s"]), ms(v["plain"]["median_s"])
         table.append(row(1, text, *times, fmt(point["cached_vs_plain"]), point_target, point["floor"]))
