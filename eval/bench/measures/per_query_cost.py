@@ -15,6 +15,7 @@ from .cells import fmt, ms, row
 # is what the machine's noise alone makes of a flat curve.
 CONTROL = "control"
 
+
 def in_context_points(points: tuple[int, ...], query_tokens: int, max_positions: int) -> list[int]:
     """Injected-text lengths for the in-context curve: every point that fits, and the longest text that fits."""
     longest = max_positions - query_tokens
