@@ -148,6 +148,20 @@ def test_gpu_check_runs_its_code_path_on_cpu_with_tiny_shapes(tmp_path):
     assert "memories batched" in (tmp_path / "gpu_check.md").read_text()
 
 
+def test_the_size_measure_loads_a_ranked_memory_with_its_scores(tmp_path):
+    from eval.bench.measures.base import Bench
+    from eval.bench.measures.size import measure_size
+    from modeling_memoryllm.testing_utils import tiny_model
+
+    model = tiny_model(preset="bench", memory_variant="training-free-ranked").eval()
+    state = model.new_memory_state()
+    with torch.inference_mode():
+        model.inject(torch.arange(3, 40)[None], memory=state)
+    bench = Bench(model, lambda: None, 1, 0, 4, 2, (1,), 1, 1)
+    size = measure_size(bench, state, str(tmp_path))
+    assert size["file_bytes"] > size["formula_bytes"] and size["load"]["repeats"] == 1
+
+
 def test_floors_follow_the_shapes():
     from eval.bench import floors
     from modeling_memoryllm.testing_utils import tiny_model

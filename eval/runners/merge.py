@@ -27,13 +27,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def comparable(config: dict) -> dict:
+    """What of a shard's configuration must be the same in every shard of one run."""
+    return {key: value for key, value in config.items() if key not in SHARD_KEYS | SHARD_COUNTS}
+
+
 def merged(shards: list[dict]) -> dict:
     """One result from `shards` (result dicts of one benchmark and configuration)."""
     first = shards[0]
-    config = {key: value for key, value in first["config"].items() if key not in SHARD_KEYS | SHARD_COUNTS}
+    config = comparable(first["config"])
     for shard in shards[1:]:
-        other = {key: value for key, value in shard["config"].items() if key not in SHARD_KEYS | SHARD_COUNTS}
-        if shard["benchmark"] != first["benchmark"] or other != config:
+        if shard["benchmark"] != first["benchmark"] or comparable(shard["config"]) != config:
             raise ValueError("the shards differ in benchmark or configuration: they are not one run")
     samples = [sample for shard in shards for sample in shard["samples"]]
     keys = [(sample.get("id"), sample.get("index")) for sample in samples]

@@ -22,7 +22,7 @@ def measure_size(bench: Bench, full: MemoryState, out_dir: str) -> dict:
         path = os.path.join(folder, "memory.safetensors")
         saves = bench.time({"save": lambda: copy.save(path, config=config)})["save"]
         file_bytes = os.path.getsize(path)
-        loads = bench.time({"load": lambda: MemoryState.load(path, config=config)})["load"]
+        loads = bench.time({"load": lambda: bench.model.load_memory_state(path)})["load"]  # the variant's class
     prefix = _prefix_bytes(bench, full)
     return {
         "description": "memory state size vs L*M*d*bytes; safetensors file; save/load; cached prefix keys/values",
