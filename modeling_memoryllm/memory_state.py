@@ -312,7 +312,11 @@ class MemoryState:
             raise ValueError(f"{path}: not a MemoryLLM memory file (format={metadata.get('format')!r}).")
         _verify_checksum(path, tensors, metadata)
         if set(tensors) != {"memory", "provenance"}:
-            raise ValueError(f"{path}: expected tensors 'memory' and 'provenance', found {sorted(tensors)}.")
+            variant = f" of the {metadata['variant']!r} variant" if "variant" in metadata else ""
+            raise ValueError(
+                f"{path}: expected tensors 'memory' and 'provenance', found {sorted(tensors)}: a memory{variant}; "
+                "load it with `model.load_memory_state(path)`, which picks the variant's state class."
+            )
         memory, provenance = tensors["memory"], tensors["provenance"]
         if memory.dim() != 3 or provenance.shape != memory.shape[:2] or not memory.is_floating_point():
             raise ValueError(f"{path}: inconsistent shapes {tuple(memory.shape)} / {tuple(provenance.shape)}.")

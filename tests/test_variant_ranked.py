@@ -139,6 +139,8 @@ def test_files_keep_the_scores_and_plain_files_load(tmp_path):
     assert (
         from_plain.scores[state.provenance >= 0].eq(0.5).all() and from_plain.scores[state.provenance < 0].eq(0).all()
     )
+    with pytest.raises(ValueError, match="'training-free-ranked' variant; load it with `model.load_memory_state"):
+        MemoryState.load(path)  # the plain class, not the variant's
     damaged = bytearray(path.read_bytes())
     damaged[-1] ^= 1
     (tmp_path / "damaged.safetensors").write_bytes(bytes(damaged))
