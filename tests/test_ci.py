@@ -2,6 +2,7 @@
 
 import pathlib
 import re
+import subprocess
 
 import pytest
 
@@ -50,3 +51,18 @@ def test_ci_installs_the_readme_serving_command_and_runs_the_vllm_tests_at_the_f
     assert '".[default,vllm]"' in install and "pip uninstall -y torchvision torchaudio torchcodec" in install
     assert re.search(r'^run_vllm "transformers==5\.17\.0" "huggingface_hub<2"', script, re.MULTILINE)
     assert "tests/test_vllm_serving.py" in script and "^SKIPPED" in script
+
+
+def test_ci_removes_a_copy_that_passed_and_keeps_one_that_failed(tmp_path):
+    script = (ROOT / ".ci" / "run").read_text()
+    in_copy = re.search(r"^in_copy\(\) \{\n.*?^\}\n", script, re.MULTILINE | re.DOTALL).group(0)
+    source, scratch = tmp_path / "checkout", tmp_path / "scratch"
+    source.mkdir()
+    scratch.mkdir()
+    (source / "file.txt").write_text("x")
+    harness = f'{in_copy}\nROOT={source}\nin_copy passed "test -f file.txt" "a==1"\nin_copy failed "exit 3" "a==1"\n'
+    run = subprocess.run(["bash", "-c", harness], env={"PATH": "/usr/bin:/bin", "TMPDIR": str(scratch)})
+    assert run.returncode == 3  # the failed copy's status
+    left = sorted(path.name for path in scratch.iterdir())
+    assert len(left) == 2 and left[1] == left[0] + ".constraints.txt"  # the failed copy and its constraints
+    assert (scratch / left[0] / "file.txt").exists()
