@@ -2,16 +2,19 @@
 
 import torch
 
+from modeling_memoryllm.export import reading_every_row
+
 
 @torch.no_grad()
 def package_greedy(model, state, ids: list[int], max_new_tokens: int, ignore_eos: bool = False):
     """Greedy tokens and their logprobs from `model.generate(ids, memory=state)` (from the raw logits, as vLLM's
     logprobs are)."""
     options = dict(min_new_tokens=max_new_tokens) if ignore_eos else {}
-    out = model.generate(
-        torch.tensor([ids], device=model.device), memory=state, max_new_tokens=max_new_tokens, do_sample=False,
-        output_logits=True, return_dict_in_generate=True, **options,
-    )  # fmt: skip
+    with reading_every_row(model):  # what the exported (static) prefix serves
+        out = model.generate(
+            torch.tensor([ids], device=model.device), memory=state, max_new_tokens=max_new_tokens, do_sample=False,
+            output_logits=True, return_dict_in_generate=True, **options,
+        )  # fmt: skip
     tokens = out.sequences[0, len(ids) :].tolist()
     logprobs = [torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(out.logits, tokens)]
     return tokens, logprobs

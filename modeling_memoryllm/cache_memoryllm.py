@@ -445,13 +445,21 @@ def injection_prefix(model, states, rows: slice, spare: int) -> SharedPrefix:
 
 
 def cache_with_prefix(
-    model, cache: Cache | None, states, batch_size: int, attention_mask=None, read_only=False, use_cache=True
+    model,
+    cache: Cache | None,
+    states,
+    batch_size: int,
+    attention_mask=None,
+    read_only=False,
+    use_cache=True,
+    query: tuple = (None, None),
 ):
     """The cache to run with (`cache` adopted, or a new `MemoryPrefixCache`; `None` when no cache is asked for and no
     memory is read), holding the memory prefix when any memory is read; and the prefix length. A variant that
     retrieves per query (M+) gets a `MemoryPrefixCache` whose `retrieval` fills its slots layer by layer.
     `read_only` (gradient checkpointing): a new cache that stores nothing after the prefix (none without a prefix);
-    a cache holding rows cannot be continued then."""
+    a cache holding rows cannot be continued then. `query` (`input_ids`, `inputs_embeds`): the prefill's tokens, from
+    which a variant may choose the prefix rows they read (`query_read_mask`)."""
     reads = any(model.variant.reads(state) for state in states)
     if read_only:
         if cache is not None and cache.get_seq_length() > 0:
@@ -464,6 +472,10 @@ def cache_with_prefix(
     check_cache_fits(model, cache, model.config.prefix_length, text_rows=0)
     prefixes = [reading_prefix(model, state) for state in states]
     cache.attach_prefix(prefixes, batch_size)
+    chosen = model.variant.query_read_mask(model, states, *query, attention_mask)
+    if chosen is not None:
+        written = cache.prefix_written
+        cache.prefix_written = chosen if written is None else written & chosen.to(written.device)
     cache.retrieval = model.variant.retrieval(model, states, attention_mask, batch_size)
     return cache, cache.prefix_length
 

@@ -17,6 +17,7 @@ Export for serving: a MemoryLLM becomes a plain Llama checkpoint for reading, an
 A reading model with the exported prefix in a `DynamicCache` (`prefix_cache`) gives the package's logits.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -75,6 +76,20 @@ def check_exportable(model) -> None:
             f"{model.config.memory_variant} retrieves memory rows per query: its prefix is not static, so it cannot "
             "be exported as key/values (serve it with the package)."
         )
+
+
+@contextlib.contextmanager
+def reading_every_row(model):
+    """Within it, `model` reads every row of a memory, as a static export serves it (`memory_read="all"`, where the
+    variant would choose rows per query)."""
+    if not model.variant.reads_per_query:
+        yield model
+        return
+    chosen, model.config.memory_read = model.config.memory_read, "all"
+    try:
+        yield model
+    finally:
+        model.config.memory_read = chosen
 
 
 def reading_config(model) -> LlamaConfig:
@@ -237,6 +252,11 @@ def export_prefix(model, state, head_dim: int | None = None, fingerprint: str = 
     """
     check_exportable(model)
     config = model.config
+    if model.variant.reads_per_query:
+        logger.warning_once(
+            f"{config.memory_variant} with memory_read={config.memory_read!r} chooses the rows a query reads; an "
+            "exported prefix is static, so what serves it reads the whole memory (memory_read='all')."
+        )
     if not model.variant.reads(state):
         kv_heads, dim = config.num_key_value_heads, _head_dim(config)
         empty = torch.zeros(config.num_hidden_layers, kv_heads, 0, dim, dtype=model.dtype)

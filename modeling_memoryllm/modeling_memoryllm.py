@@ -237,7 +237,14 @@ class MemoryLLMForCausalLM(MemoryGenerationMixin, MemoryLLMPreTrainedModel, Llam
         read_only = checkpointed(self, states)
         with active_adapter(self.config.generation_adapter):
             cache, prefix_length = cache_with_prefix(
-                self, cache, states, batch_size, attention_mask, read_only, use_cache is not False
+                self,
+                cache,
+                states,
+                batch_size,
+                attention_mask,
+                read_only,
+                use_cache is not False,
+                query=(input_ids, inputs_embeds),
             )
             past_length = cache.physical_length() if cache is not None else 0
             positions = text_positions(attention_mask, past_length, prefix_length, query_length, tokens.device)

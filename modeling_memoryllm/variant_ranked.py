@@ -25,6 +25,13 @@ Config options (read from the config; defaults in brackets):
         token's neighbours).
     text_context (`"own"`): `"own"` (each text on its own, above) or `"window"` (an injection reads the last rows of
         the memory, as the training-free rule does; the ranked drop stays).
+    memory_read (`"all"`): `"all"` (a query reads every visible row) or `"relevant"`: each query reads only bos and
+        the rows of the `read_chunks` chunks (one injection each) whose text shares the most of its rare tokens
+        (`relevant_rows`): the texts in memory do not distract it from the one it asks about. Chosen at the query's
+        prefill from its own tokens (in `generate`, the prompt), and kept for the tokens that follow; every row is
+        read where no chunk shares a token. Needs `drop_memory_per_layer=False` (a chunk's rows then sit at the
+        same slots of every layer).
+    read_chunks (`2`): see `"relevant"`.
 
 The released rules (`memoryllm-8b`, `memoryllm-7b`, `training-free`) are untouched.
 """
@@ -46,7 +53,10 @@ DEFAULT_OPTIONS = {
     "attention_score": "mean",
     "attention_window": 32,
     "attention_pool": 1,
+    "memory_read": "all",
+    "read_chunks": 2,
 }
+READS = ("all", "relevant")
 CONTEXTS = ("own", "window")  # "own" by default: with "window", the default given the demo passage twice answered
 # every demo question with "The island itself has no trees." (the second copy read the first one's last rows)
 
@@ -71,6 +81,10 @@ class TrainingFreeRanked(TrainingFree):
             )
         if int(config.attention_pool) < 1 or int(config.attention_pool) % 2 == 0 or int(config.attention_window) < 1:
             raise ValueError("attention_pool must be odd and >= 1, attention_window >= 1")
+        if config.memory_read not in READS or int(config.read_chunks) < 1:
+            raise ValueError(f"memory_read must be one of {READS}, read_chunks >= 1")
+        if config.memory_read == "relevant" and config.drop_memory_per_layer:
+            raise ValueError('memory_read="relevant" needs drop_memory_per_layer=False (chunks at the same slots)')
         config.max_inject_length = min(config.max_inject_length, config.num_tokens)
 
     @property
@@ -106,6 +120,44 @@ class TrainingFreeRanked(TrainingFree):
         visible = window == state.injections if self.continues_text(state) else torch.zeros_like(window, dtype=bool)
         visible = visible & (window != EMPTY_ROWS)
         return torch.cat([torch.ones(1, dtype=torch.bool), visible]) if self.config.add_bos_embedding else visible
+
+    # ------------------------------------------------------------------------------------------------ reading
+    @property
+    def reads_per_query(self) -> bool:
+        return self.config.memory_read == "relevant"
+
+    def query_read_mask(self, model, states, input_ids, inputs_embeds, attention_mask) -> torch.Tensor | None:
+        """`[B, P]` bool, with `memory_read="relevant"`: per batch row, bos and the rows of its query's most relevant
+        chunks (`relevant_rows`); `None` when every row reads all (`memory_read="all"`, or nothing matched)."""
+        if not self.reads_per_query:
+            return None
+        embeds = inputs_embeds if inputs_embeds is not None else model.model.embed_tokens(input_ids)  # [B, T, d]
+        rows = embeds + model.new_memory_positional_emb.to(embeds.dtype)  # as an injection writes layer 0's rows
+        masks = []
+        for row in range(rows.shape[0]):
+            tokens = rows[row] if attention_mask is None else rows[row][attention_mask[row].bool()]  # [T_row, d]
+            masks.append(self.relevant_rows(states[row if len(states) > 1 else 0], tokens.detach()))
+        if all(mask is None for mask in masks):
+            return None
+        every = torch.ones(self.prefix_length(self.config), dtype=torch.bool)
+        return torch.stack([mask if mask is not None else every for mask in masks])
+
+    def relevant_rows(self, state, query_rows: torch.Tensor) -> torch.Tensor | None:
+        """`[P]` bool: bos and the visible rows of the `read_chunks` chunks that best match `query_rows` `[T, d]`
+        (`chunk_relevance`, above 0); `None` (all) when the memory holds no more chunks than that, or none matches."""
+        if not self.reads(state):
+            return None
+        chunks = state.provenance[0]  # [M] the injection that wrote each row (aligned in every layer)
+        ids = chunks[chunks != EMPTY_ROWS].unique()  # [C] ascending
+        if len(ids) <= self.config.read_chunks:
+            return None
+        relevance = chunk_relevance(state.memory[0], chunks, ids, query_rows)  # [C]
+        best = relevance.topk(int(self.config.read_chunks))
+        chosen = ids[best.indices[best.values > 0].cpu()]
+        if len(chosen) == 0:
+            return None
+        read = torch.isin(chunks, chosen) & self.visible(state)
+        return torch.cat([torch.ones(1, dtype=torch.bool), read]) if self.config.add_bos_embedding else read
 
     # ------------------------------------------------------------------------------------------------- update
     def visible(self, state) -> torch.Tensor:
@@ -184,19 +236,40 @@ def repeated_rows(first_last: torch.Tensor, visible: torch.Tensor, new: torch.Te
     framed text shares (`serving.Framing.text_head`): the memory reads it once."""
     old = first_last[:, visible.to(first_last.device)]
     repeated = torch.zeros(new.shape[1], dtype=torch.bool)
-    if old.shape[1] == 0 or new.shape[1] == 0:
-        return repeated
-    probe = torch.linspace(1.0, 2.0, new.shape[-1], device=new.device, dtype=new.dtype)
-    old_key, new_key = old[0] @ probe, new[0] @ probe
-    scale = 1e-5 * (old_key.abs().max() + 1)
-    pairs = ((new_key[:, None] - old_key[None]).abs() <= scale).nonzero()  # same token, probably
-    if len(pairs) == 0:
-        return repeated
-    fresh, seen = pairs[:, 0], pairs[:, 1]
-    same = torch.isclose(new[0, fresh], old[0, seen], rtol=1e-5, atol=1e-6).all(-1)
-    same &= torch.isclose(new[1, fresh], old[1, seen], rtol=1e-3, atol=1e-3).all(-1)
+    fresh, seen = equal_rows(old[0], new[0])  # same token
+    same = torch.isclose(new[1, fresh], old[1, seen], rtol=1e-3, atol=1e-3).all(-1)  # after the same tokens
     repeated[fresh[same].cpu()] = True
     return repeated
+
+
+def equal_rows(old: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pairs `(i, j)` with `new[i]` equal to `old[j]` (rows `[n, d]`, `[m, d]`; to float tolerance), as two index
+    tensors: candidates by a projection on one probe vector, confirmed element by element."""
+    none = torch.zeros(0, dtype=torch.long, device=new.device)
+    if old.shape[0] == 0 or new.shape[0] == 0:
+        return none, none
+    probe = torch.linspace(1.0, 2.0, new.shape[-1], device=new.device, dtype=new.dtype)
+    old_key, new_key = old.to(new.dtype) @ probe, new @ probe  # [m], [n]
+    scale = 1e-5 * (old_key.abs().max() + 1)
+    fresh, seen = ((new_key[:, None] - old_key[None]).abs() <= scale).nonzero().unbind(1)  # probably equal
+    same = torch.isclose(new[fresh], old[seen].to(new.dtype), rtol=1e-5, atol=1e-6).all(-1)
+    return fresh[same], seen[same]
+
+
+def chunk_relevance(first_rows: torch.Tensor, chunks: torch.Tensor, ids: torch.Tensor, query_rows: torch.Tensor):
+    """`[C]` float: for each chunk in `ids` `[C]`, the summed inverse chunk frequency (BM25's idf) of the distinct
+    query tokens that it wrote. Tokens are compared as layer-0 rows: `first_rows` `[M, d]` (the memory's, written by
+    `chunks` `[M]`) and `query_rows` `[T, d]`; every written row counts, repeated ones too (so an opening that every
+    framed text shares weighs next to nothing)."""
+    tokens = query_rows.to(first_rows.dtype).unique(dim=0)  # [u, d] distinct query tokens
+    written = (chunks != EMPTY_ROWS).nonzero().squeeze(1)  # [w]
+    token, row = equal_rows(first_rows[written.to(first_rows.device)].to(tokens.device), tokens)
+    row = written[row.cpu()]
+    present = torch.zeros(tokens.shape[0], len(ids), dtype=torch.bool)  # [u, C]
+    present[token.cpu(), torch.searchsorted(ids, chunks[row.cpu()])] = True
+    frequency = present.sum(1, keepdim=True).float()  # [u, 1] chunks holding each token
+    idf = torch.log1p((len(ids) - frequency + 0.5) / (frequency + 0.5))
+    return (present.float() * idf).sum(0)
 
 
 @torch.no_grad()

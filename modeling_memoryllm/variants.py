@@ -114,6 +114,16 @@ class MemoryVariant:
         """What fills the per-query prefix rows at a prefill (`None`: there are none)."""
         return None
 
+    @property
+    def reads_per_query(self) -> bool:
+        """Whether `query_read_mask` may choose rows (a static export of the prefix then serves the whole memory)."""
+        return False
+
+    def query_read_mask(self, model, states, input_ids, inputs_embeds, attention_mask) -> torch.Tensor | None:
+        """`[B, P]` bool: the prefix rows that a new query (its `input_ids` or `inputs_embeds` `[B, T(, d)]`) may
+        read, chosen at its prefill from its own tokens; `None`: all of them (here, always)."""
+        return None
+
     # ---------------------------------------------------------------------------------------------- injection
     def injection_plan(self, initialized: bool, length: int) -> InjectionPlan:
         raise NotImplementedError

@@ -202,3 +202,113 @@ def test_injection_writes_rows_and_scores_in_place_as_the_update_computes_them(m
     torch.testing.assert_close(state.memory, expected.memory)
     torch.testing.assert_close(state.scores, expected.scores)
     assert not torch.equal(state.scores, before.scores)
+
+
+# ------------------------------------------------------------------------------------- memory_read="relevant"
+def relevant(**options):
+    options = dict(num_blocks=4, memory_read="relevant", read_chunks=1, drop_memory_per_layer=False) | options
+    return ranked(**options)
+
+
+def only_chunks(state, chunks: list[int]) -> MemoryState:
+    """`state` as a plain memory whose rows of other chunks were never written (the training-free rule masks them)."""
+    provenance = state.provenance.clone()
+    provenance[~torch.isin(provenance, torch.tensor(chunks))] = -1
+    return MemoryState(state.memory.clone(), True, provenance, state.injections)
+
+
+def test_read_options_defaults_and_checks():
+    config = tiny_config(memory_variant="training-free-ranked")
+    assert config.memory_read == "all" and config.read_chunks == 2
+    with pytest.raises(ValueError, match="drop_memory_per_layer"):
+        tiny_config(memory_variant="training-free-ranked", memory_read="relevant")  # per-layer drops by default
+    for bad in ({"memory_read": "some"}, {"read_chunks": 0}):
+        with pytest.raises(ValueError):
+            tiny_config(memory_variant="training-free-ranked", drop_memory_per_layer=False, **bad)
+
+
+@torch.no_grad()
+def test_a_query_reads_only_the_chunks_that_share_its_tokens():
+    model = relevant()
+    state = model.new_memory_state()
+    model.inject([[10, 11, 12], [20, 21, 22], [30, 31, 32]], memory=state)
+    reference = tiny_model(0, memory_variant="training-free", num_tokens=4, num_blocks=4, max_inject_length=4)
+    ids = torch.tensor([[5, 21, 6], [31, 7, 32]])  # row 0 asks about the second text, row 1 about the third
+    logits = model(ids, memory=state).logits
+    torch.testing.assert_close(logits[:1], reference(ids[:1], memory=only_chunks(state, [2])).logits)
+    torch.testing.assert_close(logits[1:], reference(ids[1:], memory=only_chunks(state, [3])).logits)
+    everything = reference(ids, memory=MemoryState(state.memory, True, state.provenance, state.injections)).logits
+    assert not torch.allclose(logits, everything, atol=1e-3)  # it does read less than the whole memory
+    # The choice is the prompt's: generated tokens read what it chose.
+    generated = model.generate(ids[:1], memory=state, max_new_tokens=4, do_sample=False)
+    expected = reference.generate(ids[:1], memory=only_chunks(state, [2]), max_new_tokens=4, do_sample=False)
+    assert generated.tolist() == expected.tolist()
+
+
+@torch.no_grad()
+def test_a_query_that_shares_no_token_reads_the_whole_memory():
+    model = relevant(read_chunks=2)
+    state = model.new_memory_state()
+    model.inject([[10, 11, 12], [20, 21, 22], [30, 31, 32]], memory=state)
+    ids = torch.tensor([[5, 6, 7]])
+    expected = relevant(memory_read="all")(ids, memory=state).logits
+    torch.testing.assert_close(model(ids, memory=state).logits, expected)
+    two = model(torch.tensor([[11, 31, 5]]), memory=state).logits  # two chunks match: both are read
+    reference = tiny_model(0, memory_variant="training-free", num_tokens=4, num_blocks=4, max_inject_length=4)
+    torch.testing.assert_close(two, reference(torch.tensor([[11, 31, 5]]), memory=only_chunks(state, [1, 3])).logits)
+
+
+def test_chunk_relevance_sums_the_idf_of_the_shared_tokens():
+    from modeling_memoryllm.variant_ranked import chunk_relevance
+
+    rows = torch.eye(6)  # token t is row t
+    chunks = torch.tensor([1, 1, 2, 2, 3, -1])  # chunk 1: tokens 0, 1; chunk 2: 2, 3; chunk 3: 4; row 5 never written
+    query = torch.eye(6)[[0, 0, 2, 4, 5]]  # token 0 twice, and token 5 (in no written row)
+    relevance = chunk_relevance(rows, chunks, torch.tensor([1, 2, 3]), query)
+    idf = torch.log1p(torch.tensor((3 - 1 + 0.5) / (1 + 0.5)))  # each shared token is in one chunk of three
+    torch.testing.assert_close(relevance, torch.stack([idf, idf, idf]))
+    common = torch.tensor([1, 2, 3, 3, 3, -1])  # token 0 in chunk 1, 1 in 2, 2-4 in chunk 3
+    relevance = chunk_relevance(rows, common, torch.tensor([1, 2, 3]), torch.eye(6)[[0, 2, 3]])
+    torch.testing.assert_close(relevance, torch.stack([idf, torch.tensor(0.0), 2 * idf]))
+
+
+class _NoTokenizer:
+    pad_token_id, eos_token_id = 0, 2
+
+
+@torch.no_grad()
+def test_continuation_scores_choose_what_the_memory_reads_from_the_prompt_alone():
+    from eval.runners import common
+
+    model = relevant()
+    state = model.new_memory_state()
+    model.inject([[10, 11, 12], [20, 21, 22], [30, 31, 32]], memory=state)
+    reference = tiny_model(0, memory_variant="training-free", num_tokens=4, num_blocks=4, max_inject_length=4)
+    prompts, targets = [[5, 21], [7, 8, 31]], [[31, 32, 9], [40]]  # row 0's target names the third text
+    subject = common.Subject(model, _NoTokenizer(), "tiny", "tiny", True)
+    scores = common.continuation_scores(subject, prompts, targets, [state, state])
+    for row, chunk in enumerate([2, 3]):  # each prompt's own chunk, whatever its target holds
+        ids = torch.tensor([prompts[row] + targets[row]])
+        log_probs = reference(ids, memory=only_chunks(state, [chunk])).logits.log_softmax(-1)[0]
+        start = len(prompts[row]) - 1
+        wanted = torch.tensor(targets[row])
+        expected = log_probs[torch.arange(start, start + len(wanted)), wanted]
+        torch.testing.assert_close(torch.tensor(scores[row][0]), expected, rtol=1e-4, atol=1e-5)
+        assert scores[row][1] == (log_probs[start : start + len(wanted)].argmax(-1) == wanted).tolist()
+
+
+@torch.no_grad()
+def test_reading_every_row_is_what_a_static_export_serves():
+    from modeling_memoryllm.export import reading_every_row
+
+    model = relevant()
+    state = model.new_memory_state()
+    model.inject([[10, 11, 12], [20, 21, 22], [30, 31, 32]], memory=state)
+    ids = torch.tensor([[5, 21, 6]])
+    chosen = model(ids, memory=state).logits
+    with reading_every_row(model):
+        every = model(ids, memory=state).logits
+    torch.testing.assert_close(every, relevant(memory_read="all")(ids, memory=state).logits)
+    assert model.config.memory_read == "relevant" and model.variant.reads_per_query
+    torch.testing.assert_close(model(ids, memory=state).logits, chosen)
+    assert not torch.allclose(every, chosen, atol=1e-3)

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from modeling_memoryllm.modeling_memoryllm import CACHE_KWARG
+
 from ..paths import METRICS, RESULTS
 
 
@@ -162,19 +164,30 @@ def generate(subject: Subject, prompts: list[list[int]], memory, max_new_tokens:
 
 @torch.no_grad()
 def continuation_scores(subject: Subject, prompts: list[list[int]], targets: list[list[int]], memory):
-    """Per row, the teacher-forced log-probs of `targets[i]` after `prompts[i]`, and whether each was the argmax."""
-    rows = [prompt + target for prompt, target in zip(prompts, targets)]
-    ids, mask = left_pad(rows, subject.pad_id, subject.device)
-    keep = max(len(target) for target in targets) + 1
-    logits = subject.model(ids, attention_mask=mask, logits_to_keep=keep, **subject.memory_kwargs(memory)).logits
-    log_probs = torch.log_softmax(logits.float(), dim=-1)  # [B, keep, V]; position j predicts kept token j + 1
+    """Per row, the teacher-forced log-probs of `targets[i]` after `prompts[i]`, and whether each was the argmax. The
+    prompts run first and the targets behind their cache, as `generate` would read them: what a memory reads is
+    chosen at the prompt's prefill (`memory_read="relevant"`), never from the target."""
+    model, kwargs = subject.model, subject.memory_kwargs(memory)
+    ids, mask = left_pad(prompts, subject.pad_id, subject.device)
+    first = model(ids, attention_mask=mask, use_cache=True, logits_to_keep=1, **kwargs)
+    longest = max(len(target) for target in targets)
+    target_ids = torch.full((len(targets), longest), subject.pad_id, dtype=torch.long)
+    target_mask = torch.zeros(len(targets), longest, dtype=mask.dtype)
+    for row, target in enumerate(targets):  # right-padded: nothing real reads the padding
+        target_ids[row, : len(target)], target_mask[row, : len(target)] = torch.tensor(target), 1
+    rest = model(
+        target_ids.to(ids.device),
+        attention_mask=torch.cat([mask, target_mask.to(mask.device)], dim=1),
+        **{CACHE_KWARG: getattr(first, CACHE_KWARG)},
+        **kwargs,
+    ).logits
+    logits = torch.cat([first.logits[:, -1:], rest[:, :-1]], dim=1)  # [B, longest, V]; position j predicts token j
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
     scores = []
     for row, target in enumerate(targets):
-        start = keep - 1 - len(target)
-        positions = torch.arange(start, keep - 1, device=log_probs.device)
         wanted = torch.tensor(target, device=log_probs.device)
-        token_lp = log_probs[row, positions, wanted]
-        hits = log_probs[row, positions].argmax(-1) == wanted
+        token_lp = log_probs[row, torch.arange(len(target), device=log_probs.device), wanted]
+        hits = log_probs[row, : len(target)].argmax(-1) == wanted
         scores.append((token_lp.tolist(), hits.tolist()))
     return scores
 
