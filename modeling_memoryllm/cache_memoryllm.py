@@ -192,6 +192,7 @@ class MemoryCacheMixin:
 
     prefix_length = 0
     prefix_written: torch.Tensor | None = None
+    position_shift: torch.Tensor | None = None  # [B]: the unread rows after the last row a query reads (closed up)
     retrieval = None
 
     def physical_length(self, layer_idx: int = 0) -> int:
@@ -210,7 +211,7 @@ class MemoryCacheMixin:
 
     def reset(self) -> None:
         super().reset()
-        self.prefix_length, self.prefix_written = 0, None
+        self.prefix_length, self.prefix_written, self.position_shift = 0, None, None
 
     def attach_prefix(self, prefixes: list[SharedPrefix], batch_size: int) -> None:
         """Start every layer with the prefix of `prefixes[i]` in batch row `i` (one prefix: every row), written
@@ -476,6 +477,7 @@ def cache_with_prefix(
     if chosen is not None:
         written = cache.prefix_written
         cache.prefix_written = chosen if written is None else written & chosen.to(written.device)
+        cache.position_shift = trailing_unread(chosen)
     cache.retrieval = model.variant.retrieval(model, states, attention_mask, batch_size)
     return cache, cache.prefix_length
 
@@ -510,6 +512,18 @@ def check_cache_fits(model, cache: Cache, prefix_rows: int, text_rows: int) -> N
             f"This {type(cache).__name__} holds {capacity} rows, but the memory prefix takes {prefix_rows} and the "
             f"text up to {text_rows}: create it with max_cache_len >= {needed} (prefix + prompt + new tokens)."
         )
+
+
+def trailing_unread(read: torch.Tensor) -> torch.Tensor:
+    """`[B]` long: per row of `read` `[B, P]` (bool), the rows after its last `True` one. A query that reads chosen
+    rows counts its positions from the last of them, so the rows it reads sit right before it, as a prompt would."""
+    slots = torch.arange(1, read.shape[1] + 1, device=read.device)
+    return read.shape[1] - (read.long() * slots).amax(dim=1)
+
+
+def position_shift_of(cache: Cache | None) -> torch.Tensor | None:
+    """The `[B]` shift of the text positions behind `cache`'s prefix (`trailing_unread`), or `None`."""
+    return cache.position_shift if isinstance(cache, MemoryCacheMixin) else None
 
 
 def prefix_of(cache: Cache | None) -> tuple[int, torch.Tensor | None]:
@@ -558,10 +572,12 @@ __all__ = [
     "layer_key_values",
     "memory_cache_class",
     "prefix_key_values",
+    "position_shift_of",
     "prefix_of",
     "prefixed_mask",
     "reading_prefix",
     "text_positions",
+    "trailing_unread",
     "weights_key",
     "written_mask",
 ]

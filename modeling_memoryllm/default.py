@@ -7,8 +7,10 @@ while a query still attends only 2k prefix rows, cheap on a CPU. One memory take
 
 Memory rule: `training-free-ranked` (`variant_ranked.py`): every text is written on its own (its rows are its own
 key/value cache), the opening that chat-framed texts share is read once, and a full memory drops old rows at
-random (`memory_drop: "random"`; the variant's attention drop, measured against it on part-a, lost). Texts are
-injected and questions asked with the chat framing of `serving.framing_for`.
+random (`memory_drop: "random"`, the same rows in every layer; the variant's attention drop, measured against it on
+part-a, lost), and a question reads only bos and the one chunk that shares the most of its rare tokens
+(`memory_read: "relevant"`, `read_chunks: 1`), placed right before it. Texts are injected and questions asked with
+the chat framing of `serving.framing_for`.
 """
 
 import hashlib
@@ -38,6 +40,9 @@ DEFAULT_MEMORY = {
     "memory_variant": "training-free-ranked",
     "max_inject_length": 256,
     "memory_drop": "random",  # on SQuAD part-a the attention drop lost to it at k = 10 and 20 (see the README)
+    "memory_read": "relevant",  # a question reads its best-matching chunk (part-a: k = 5 answered like k = 0)
+    "read_chunks": 1,  # 2 read one unrelated text besides, which cost as much as reading them all at k = 1
+    "drop_memory_per_layer": False,  # `memory_read: relevant` needs a chunk at the same slots in every layer
 }
 PASSAGE = pathlib.Path(__file__).with_name("data") / "varden_lighthouse.txt"
 # Trained adapters for the default (written by `memoryllm train`; absent until a trained set beats the

@@ -23,7 +23,14 @@ from transformers.models.llama.modeling_llama import LlamaForCausalLM, LlamaMode
 
 from .attention_memoryllm import use_prefix_attention
 from .backbone import from_backbone
-from .cache_memoryllm import cache_with_prefix, checkpointed, prefix_of, prefixed_mask, text_positions
+from .cache_memoryllm import (
+    cache_with_prefix,
+    checkpointed,
+    position_shift_of,
+    prefix_of,
+    prefixed_mask,
+    text_positions,
+)
 from .configuration_memoryllm import MemoryLLMConfig
 from .export_memoryllm import memory_prefix, merged_reading_model
 from .generation_memoryllm import MemoryGenerationMixin
@@ -248,6 +255,9 @@ class MemoryLLMForCausalLM(MemoryGenerationMixin, MemoryLLMPreTrainedModel, Llam
             )
             past_length = cache.physical_length() if cache is not None else 0
             positions = text_positions(attention_mask, past_length, prefix_length, query_length, tokens.device)
+            shift = position_shift_of(cache)
+            if shift is not None:  # the rows the query chose sit right before it
+                positions = positions - shift.to(positions.device)[:, None]
             text_length = past_length - prefix_length + query_length
             check_text_mask(attention_mask, text_length)
             outputs = super().forward(

@@ -14,6 +14,7 @@ from modeling_memoryllm.export import (
     load_prefix,
     prefix_cache,
     read_export_info,
+    reading_every_row,
     reading_fingerprint,
     reading_model,
     save_prefix,
@@ -66,12 +67,12 @@ def assert_reads_alike(model, state, ids: torch.Tensor, head_dim=None, steps: in
     """A plain Llama over the exported prefix gives the package's logits (within `atol`) and greedy tokens."""
     export = export_prefix(model, state, head_dim)
     llama = reading_model(model, head_dim)
-    torch.testing.assert_close(
-        llama(ids, **{CACHE_KWARG: prefix_cache(export)}).logits, model(ids, memory=state).logits, atol=atol, rtol=0
-    )
-    out = model.generate(
-        ids, memory=state, max_new_tokens=steps, do_sample=False, output_logits=True, return_dict_in_generate=True
-    )
+    with reading_every_row(model):  # what a static prefix serves (the default may choose rows per query)
+        package = model(ids, memory=state).logits
+        out = model.generate(
+            ids, memory=state, max_new_tokens=steps, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
+    torch.testing.assert_close(llama(ids, **{CACHE_KWARG: prefix_cache(export)}).logits, package, atol=atol, rtol=0)
     generated = out.sequences[0, ids.shape[1] :].tolist()  # may stop early at an end-of-sequence token
     tokens, logits = greedy_over_prefix(llama, export, ids, len(generated))
     assert tokens.tolist() == generated

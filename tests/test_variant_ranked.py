@@ -227,22 +227,48 @@ def test_read_options_defaults_and_checks():
             tiny_config(memory_variant="training-free-ranked", drop_memory_per_layer=False, **bad)
 
 
+def read_by_hand(model, state, ids: torch.Tensor, chunks: list[int]) -> torch.Tensor:
+    """The logits of transformers' own Llama forward over the prefix keys/values of `state`, with only bos and the
+    rows of `chunks` visible, and the text's positions following the last of those rows."""
+    from transformers import DynamicCache, LlamaForCausalLM
+
+    from modeling_memoryllm.cache_memoryllm import reading_prefix
+    from modeling_memoryllm.modeling_memoryllm import CACHE_KWARG
+
+    prefix = reading_prefix(model, state)
+    cache = DynamicCache()
+    for idx in range(model.config.num_hidden_layers):
+        keys, values = prefix.layer(idx)
+        cache.update(keys.clone(), values.clone(), idx)
+    read = torch.cat([torch.ones(1, dtype=torch.bool), torch.isin(state.provenance[0], torch.tensor(chunks))])
+    last = int(read.nonzero().max()) + 1
+    mask = torch.cat([read.long(), torch.ones(ids.shape[1], dtype=torch.long)])[None]
+    positions = torch.arange(last, last + ids.shape[1])[None]
+    with active_adapter(model.config.generation_adapter):
+        out = LlamaForCausalLM.forward(model, ids, attention_mask=mask, position_ids=positions, **{CACHE_KWARG: cache})
+    return out.logits
+
+
 @torch.no_grad()
 def test_a_query_reads_only_the_chunks_that_share_its_tokens():
     model = relevant()
     state = model.new_memory_state()
     model.inject([[10, 11, 12], [20, 21, 22], [30, 31, 32]], memory=state)
-    reference = tiny_model(0, memory_variant="training-free", num_tokens=4, num_blocks=4, max_inject_length=4)
     ids = torch.tensor([[5, 21, 6], [31, 7, 32]])  # row 0 asks about the second text, row 1 about the third
     logits = model(ids, memory=state).logits
-    torch.testing.assert_close(logits[:1], reference(ids[:1], memory=only_chunks(state, [2])).logits)
-    torch.testing.assert_close(logits[1:], reference(ids[1:], memory=only_chunks(state, [3])).logits)
+    torch.testing.assert_close(logits[:1], read_by_hand(model, state, ids[:1], [2]))
+    torch.testing.assert_close(logits[1:], read_by_hand(model, state, ids[1:], [3]))
+    reference = tiny_model(0, memory_variant="training-free", num_tokens=4, num_blocks=4, max_inject_length=4)
+    last = reference(ids[1:], memory=only_chunks(state, [3])).logits  # the last chunk: no rows to close up
+    torch.testing.assert_close(logits[1:], last)
     everything = reference(ids, memory=MemoryState(state.memory, True, state.provenance, state.injections)).logits
     assert not torch.allclose(logits, everything, atol=1e-3)  # it does read less than the whole memory
-    # The choice is the prompt's: generated tokens read what it chose.
+    assert not torch.allclose(logits[:1], reference(ids[:1], memory=only_chunks(state, [2])).logits, atol=1e-3)
+    # The choice is the prompt's: generated tokens read what it chose, at positions that go on from the prompt's.
     generated = model.generate(ids[:1], memory=state, max_new_tokens=4, do_sample=False)
-    expected = reference.generate(ids[:1], memory=only_chunks(state, [2]), max_new_tokens=4, do_sample=False)
-    assert generated.tolist() == expected.tolist()
+    for step in range(4):
+        expected = read_by_hand(model, state, generated[:, : 3 + step], [2])[0, -1].argmax()
+        assert int(generated[0, 3 + step]) == int(expected)
 
 
 @torch.no_grad()
@@ -283,13 +309,12 @@ def test_continuation_scores_choose_what_the_memory_reads_from_the_prompt_alone(
     model = relevant()
     state = model.new_memory_state()
     model.inject([[10, 11, 12], [20, 21, 22], [30, 31, 32]], memory=state)
-    reference = tiny_model(0, memory_variant="training-free", num_tokens=4, num_blocks=4, max_inject_length=4)
     prompts, targets = [[5, 21], [7, 8, 31]], [[31, 32, 9], [40]]  # row 0's target names the third text
     subject = common.Subject(model, _NoTokenizer(), "tiny", "tiny", True)
     scores = common.continuation_scores(subject, prompts, targets, [state, state])
     for row, chunk in enumerate([2, 3]):  # each prompt's own chunk, whatever its target holds
         ids = torch.tensor([prompts[row] + targets[row]])
-        log_probs = reference(ids, memory=only_chunks(state, [chunk])).logits.log_softmax(-1)[0]
+        log_probs = read_by_hand(model, state, ids, [chunk]).log_softmax(-1)[0]
         start = len(prompts[row]) - 1
         wanted = torch.tensor(targets[row])
         expected = log_probs[torch.arange(start, start + len(wanted)), wanted]
