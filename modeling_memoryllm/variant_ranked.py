@@ -262,11 +262,10 @@ def chunk_relevance(first_rows: torch.Tensor, chunks: torch.Tensor, ids: torch.T
     `chunks` `[M]`) and `query_rows` `[T, d]`; every written row counts, repeated ones too (so an opening that every
     framed text shares weighs next to nothing)."""
     tokens = query_rows.to(first_rows.dtype).unique(dim=0)  # [u, d] distinct query tokens
-    token, row = equal_rows(first_rows.to(tokens.device), tokens)
-    token, row = token.cpu(), row.cpu()
-    token, row = token[chunks[row] != EMPTY_ROWS], row[chunks[row] != EMPTY_ROWS]  # written rows only
+    token, row = (index.cpu() for index in equal_rows(first_rows.to(tokens.device), tokens))
+    written = chunks[row] != EMPTY_ROWS  # matches in written rows only
     present = torch.zeros(tokens.shape[0], len(ids), dtype=torch.bool)  # [u, C]
-    present[token.cpu(), torch.searchsorted(ids, chunks[row.cpu()])] = True
+    present[token[written], torch.searchsorted(ids, chunks[row[written]])] = True
     frequency = present.sum(1, keepdim=True).float()  # [u, 1] chunks holding each token
     idf = torch.log1p((len(ids) - frequency + 0.5) / (frequency + 0.5))
     return (present.float() * idf).sum(0)
