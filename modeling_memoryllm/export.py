@@ -80,16 +80,10 @@ def check_exportable(model) -> None:
 
 @contextlib.contextmanager
 def reading_every_row(model):
-    """Within it, `model` reads every row of a memory, as a static export serves it (`memory_read="all"`, where the
-    variant would choose rows per query)."""
-    if not model.variant.reads_per_query:
+    """Within it, `model` reads every row of a memory, as a static export serves it (where its variant would choose
+    rows per query: `MemoryVariant.reading_every_row`)."""
+    with model.variant.reading_every_row():
         yield model
-        return
-    chosen, model.config.memory_read = model.config.memory_read, "all"
-    try:
-        yield model
-    finally:
-        model.config.memory_read = chosen
 
 
 def reading_config(model) -> LlamaConfig:

@@ -36,6 +36,8 @@ Config options (read from the config; defaults in brackets):
 The released rules (`memoryllm-8b`, `memoryllm-7b`, `training-free`) are untouched.
 """
 
+import contextlib
+
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
@@ -125,6 +127,15 @@ class TrainingFreeRanked(TrainingFree):
     @property
     def reads_per_query(self) -> bool:
         return self.config.memory_read == "relevant"
+
+    @contextlib.contextmanager
+    def reading_every_row(self):
+        """Within it, the config reads `memory_read="all"` (restored after)."""
+        chosen, self.config.memory_read = self.config.memory_read, "all"
+        try:
+            yield
+        finally:
+            self.config.memory_read = chosen
 
     def query_read_mask(self, model, states, input_ids, inputs_embeds, attention_mask) -> torch.Tensor | None:
         """`[B, P]` bool, with `memory_read="relevant"`: per batch row, bos and the rows of its query's most relevant

@@ -12,6 +12,7 @@ The model, the injection pass and the cache call these methods; no shared code t
 variant is a subclass registered with `@register_variant` in its own file, imported at the end of this one.
 """
 
+import contextlib
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -123,6 +124,11 @@ class MemoryVariant:
         """`[B, P]` bool: the prefix rows that a new query (its `input_ids` or `inputs_embeds` `[B, T(, d)]`) may
         read, chosen at its prefill from its own tokens; `None`: all of them (here, always)."""
         return None
+
+    @contextlib.contextmanager
+    def reading_every_row(self):
+        """Within it, every query reads the whole memory (`query_read_mask` chooses nothing); nothing to do here."""
+        yield
 
     # ---------------------------------------------------------------------------------------------- injection
     def injection_plan(self, initialized: bool, length: int) -> InjectionPlan:
