@@ -251,12 +251,13 @@ class MemoryPrefixCache(MemoryCacheMixin, DynamicCache):
             self.layer_class_to_replicate = DynamicLayer if self.offloading else PrefixLayer
         self.read_only = read_only
 
-    def attach_prefix(self, prefixes: list[SharedPrefix], batch_size: int) -> None:
-        """Start every layer with the prefix of `prefixes[i]` in batch row `i` (one prefix: every row)."""
+    def attach_prefix(self, prefixes: list[SharedPrefix], batch_size: int, private: bool = False) -> None:
+        """Start every layer with the prefix of `prefixes[i]` in batch row `i` (one prefix: every row); `private`: in
+        a copy of its own, whose prefix rows may be written (`write_tail`)."""
         if self.offloading:
             return super().attach_prefix(prefixes, batch_size)
         # one prefix that holds every batch row: batch 1, or an injection's prefixes computed as one batch
-        whole = len(prefixes) == 1 and batch_size == prefixes[0].key_buffers[0].shape[0]
+        whole = len(prefixes) == 1 and batch_size == prefixes[0].key_buffers[0].shape[0] and not private
         leased = whole and not self.read_only and not torch.is_grad_enabled() and prefixes[0].try_lease(self)
         layer_class = ReadOnlyPrefixLayer if self.read_only else PrefixLayer
         self.layers = [
@@ -460,7 +461,7 @@ def cache_with_prefix(
     retrieves per query (M+) gets a `MemoryPrefixCache` whose `retrieval` fills its slots layer by layer.
     `read_only` (gradient checkpointing): a new cache that stores nothing after the prefix (none without a prefix);
     a cache holding rows cannot be continued then. `query` (`input_ids`, `inputs_embeds`): the prefill's tokens, from
-    which a variant may choose the prefix rows they read (`query_read_mask`)."""
+    which a variant may choose the prefix rows they read (`query_read`)."""
     reads = any(model.variant.reads(state) for state in states)
     if read_only:
         if cache is not None and cache.get_seq_length() > 0:
@@ -472,14 +473,42 @@ def cache_with_prefix(
         return cache, prefix_of(cache)[0]
     check_cache_fits(model, cache, model.config.prefix_length, text_rows=0)
     prefixes = [reading_prefix(model, state) for state in states]
-    cache.attach_prefix(prefixes, batch_size)
-    chosen = model.variant.query_read_mask(model, states, *query, attention_mask)
-    if chosen is not None:
-        written = cache.prefix_written
-        cache.prefix_written = chosen if written is None else written & chosen.to(written.device)
-        cache.position_shift = trailing_unread(chosen)
+    read = model.variant.query_read(model, states, *query, attention_mask)
+    tails = read.tail_rows if read is not None else None
+    if isinstance(cache, MemoryPrefixCache):
+        cache.attach_prefix(prefixes, batch_size, private=tails is not None)
+    else:
+        cache.attach_prefix(prefixes, batch_size)
+    if read is not None:
+        apply_query_read(model, cache, read)
     cache.retrieval = model.variant.retrieval(model, states, attention_mask, batch_size)
     return cache, cache.prefix_length
+
+
+def apply_query_read(model, cache: "MemoryCacheMixin", read) -> None:
+    """Narrow `cache`'s prefix to what the query reads (`QueryRead`): the written rows it chose (its tail rows
+    whatever the memory held there), its positions closed up behind the last of them."""
+    chosen = read.read.to(cache.prefix_written.device) if cache.prefix_written is not None else read.read
+    prefix_read = chosen if cache.prefix_written is None else cache.prefix_written & chosen
+    for row, rows in enumerate(read.tail_rows or ()):
+        if rows is not None:
+            write_tail(model, cache, row, rows)
+            prefix_read[row] = chosen[row]
+    cache.prefix_written = prefix_read
+    cache.position_shift = trailing_unread(chosen)
+
+
+def write_tail(model, cache: "MemoryCacheMixin", row: int, rows: torch.Tensor) -> None:
+    """Write the keys/values of memory rows `rows` `[L, n, d]` into the last `n` prefix slots of batch row `row` of
+    every layer of `cache` (a private copy of the prefix), at those slots' positions."""
+    start = cache.prefix_length - rows.shape[1]
+    for idx, layer in enumerate(model.model.layers):
+        weight = layer.input_layernorm.weight
+        layer_rows = rows[idx][None].to(weight.device, weight.dtype)  # [1, n, d]
+        keys, values = layer_key_values(layer, layer_rows, model.model.rotary_emb, start)
+        cached = cache.layers[idx]
+        cached.keys[row, :, start : cache.prefix_length] = keys[0].to(cached.keys.device, cached.keys.dtype)
+        cached.values[row, :, start : cache.prefix_length] = values[0].to(cached.values.device, cached.values.dtype)
 
 
 def checkpointed(model, states=()) -> bool:

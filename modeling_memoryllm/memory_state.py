@@ -53,6 +53,8 @@ class MemoryUpdate:
         replacement (`MemoryState`, *optional*): a variant's own new state (M+), which the update becomes.
         scores (`torch.Tensor` of shape `[num_layers, memory_rows]`, *optional*): the rows' drop scores after the
             update, for states that keep them (`RankedMemoryState`); plain states ignore them.
+        archive_rows (`int`): for states that keep an archive of whole chunks (`RankedMemoryState`), its size in rows
+            per layer (the delta joins it; the oldest chunks leave it); 0: no archive. Plain states ignore it.
     """
 
     delta: torch.Tensor | None
@@ -60,6 +62,7 @@ class MemoryUpdate:
     kept: torch.Tensor | None = None
     replacement: "MemoryState | None" = None
     scores: torch.Tensor | None = None
+    archive_rows: int = 0
 
 
 # A little over 200 lines: a state's data, its updates, its cached prefix and its files belong together.

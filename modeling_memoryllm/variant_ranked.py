@@ -27,11 +27,16 @@ Config options (read from the config; defaults in brackets):
         the memory, as the training-free rule does; the ranked drop stays).
     memory_read (`"all"`): `"all"` (a query reads every visible row) or `"relevant"`: each query reads only bos and
         the rows of the `read_chunks` chunks (one injection each) whose text shares the most of its rare tokens
-        (`relevant_rows`): the texts in memory do not distract it from the one it asks about. Chosen at the query's
+        (`relevant_read`): the texts in memory do not distract it from the one it asks about. Chosen at the query's
         prefill from its own tokens (in `generate`, the prompt), and kept for the tokens that follow; every row is
         read where no chunk shares a token. Needs `drop_memory_per_layer=False` (a chunk's rows then sit at the
         same slots of every layer).
     read_chunks (`2`): see `"relevant"`.
+    archive_rows (`0`): with `memory_read="relevant"`, keep every chunk written whole in a CPU archive of up to this
+        many rows per layer (the oldest chunks leave first; 0: none), as M+ keeps the rows its memory drops. A query
+        then chooses among every chunk the memory or the archive holds, and one whose chunk lost rows to the drop
+        (or left the memory) reads it whole from the archive: its rows fill the prefix's last slots of this query's
+        cache (`QueryRead.tail_rows`), and the memory itself and its cached prefix stay as they are.
 
 The released rules (`memoryllm-8b`, `memoryllm-7b`, `training-free`) are untouched.
 """
@@ -44,7 +49,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repea
 from .lora import active_adapter
 from .memory_state import EMPTY_ROWS, MemoryUpdate
 from .memory_state_ranked import UNKNOWN_SCORE, VARIANT, RankedMemoryState
-from .variants import InjectionPlan, TrainingFree, register_variant
+from .variants import InjectionPlan, QueryRead, TrainingFree, register_variant
 
 
 DROPS = ("attention", "random")
@@ -57,6 +62,7 @@ DEFAULT_OPTIONS = {
     "attention_pool": 1,
     "memory_read": "all",
     "read_chunks": 2,
+    "archive_rows": 0,
 }
 READS = ("all", "relevant")
 CONTEXTS = ("own", "window")  # "own" by default: with "window", the default given the demo passage twice answered
@@ -88,6 +94,18 @@ class TrainingFreeRanked(TrainingFree):
         if config.memory_read == "relevant" and config.drop_memory_per_layer:
             raise ValueError('memory_read="relevant" needs drop_memory_per_layer=False (chunks at the same slots)')
         config.max_inject_length = min(config.max_inject_length, config.num_tokens)
+        cls.check_archive(config)
+
+    @classmethod
+    def check_archive(cls, config) -> None:
+        """An archive serves the relevant read, and holds at least the chunks a query reads (which fit the memory)."""
+        rows, chunks = int(config.archive_rows), int(config.read_chunks)
+        if rows == 0:
+            return
+        if config.memory_read != "relevant":
+            raise ValueError('archive_rows > 0 needs memory_read="relevant" (the archive serves the chunks it reads)')
+        if rows < chunks * config.max_inject_length or chunks * config.max_inject_length > cls.memory_rows(config):
+            raise ValueError("archive_rows must hold read_chunks chunks, and read_chunks chunks must fit the memory")
 
     @property
     def writes_texts_apart(self) -> bool:
@@ -137,38 +155,76 @@ class TrainingFreeRanked(TrainingFree):
         finally:
             self.config.memory_read = chosen
 
-    def query_read_mask(self, model, states, input_ids, inputs_embeds, attention_mask) -> torch.Tensor | None:
-        """`[B, P]` bool, with `memory_read="relevant"`: per batch row, bos and the rows of its query's most relevant
-        chunks (`relevant_rows`); `None` when every row reads all (`memory_read="all"`, or nothing matched)."""
+    def query_read(self, model, states, input_ids, inputs_embeds, attention_mask) -> QueryRead | None:
+        """With `memory_read="relevant"`, per batch row, bos and the rows of its query's most relevant chunks
+        (`relevant_read`); `None` when every row reads all (`memory_read="all"`, or nothing matched)."""
         if not self.reads_per_query:
             return None
         embeds = inputs_embeds if inputs_embeds is not None else model.model.embed_tokens(input_ids)  # [B, T, d]
         rows = embeds + model.new_memory_positional_emb.to(embeds.dtype)  # as an injection writes layer 0's rows
-        masks = []
+        reads, tails = [], []
         for row in range(rows.shape[0]):
             tokens = rows[row] if attention_mask is None else rows[row][attention_mask[row].bool()]  # [T_row, d]
-            masks.append(self.relevant_rows(states[row if len(states) > 1 else 0], tokens.detach()))
-        if all(mask is None for mask in masks):
+            read, tail = self.relevant_read(states[row if len(states) > 1 else 0], tokens.detach())
+            reads.append(read)
+            tails.append(tail)
+        if all(read is None for read in reads):
             return None
         every = torch.ones(self.prefix_length(self.config), dtype=torch.bool)
-        return torch.stack([mask if mask is not None else every for mask in masks])
+        read = torch.stack([read if read is not None else every for read in reads])
+        return QueryRead(read, tails if any(tail is not None for tail in tails) else None)
 
-    def relevant_rows(self, state, query_rows: torch.Tensor) -> torch.Tensor | None:
-        """`[P]` bool: bos and the visible rows of the `read_chunks` chunks that best match `query_rows` `[T, d]`
-        (`chunk_relevance`, above 0); `None` (all) when the memory holds no more chunks than that, or none matches."""
+    def relevant_read(self, state, query_rows: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """`([P] bool, rows)`: bos and the rows of the `read_chunks` chunks that best match `query_rows` `[T, d]`
+        (`chunk_relevance`, above 0), and `None`, or where one of those chunks lost rows that the archive holds,
+        those chunks whole `[L, n, d]` (`restored_chunks`) with the last `n` prefix rows to read them in. `None` (all)
+        when the memory and archive hold no more chunks than that, or none matches."""
         if not self.reads(state):
-            return None
-        chunks = state.provenance[0]  # [M] the injection that wrote each row (aligned in every layer)
-        ids = chunks[chunks != EMPTY_ROWS].unique()  # [C] ascending
+            return None, None
+        first_rows, owners = self.candidate_rows(state)  # [R, d], [R]
+        ids = owners[owners != EMPTY_ROWS].unique()  # [C] ascending
         if len(ids) <= self.config.read_chunks:
-            return None
-        relevance = chunk_relevance(state.memory[0], chunks, ids, query_rows)  # [C]
+            return None, None
+        relevance = chunk_relevance(first_rows, owners, ids, query_rows)  # [C]
         best = relevance.topk(int(self.config.read_chunks))
-        chosen = ids[best.indices[best.values > 0].cpu()]
+        chosen = ids[best.indices[best.values > 0].cpu()].sort().values
         if len(chosen) == 0:
+            return None, None
+        bos = torch.ones(int(self.config.add_bos_embedding), dtype=torch.bool)
+        tail = self.restored_chunks(state, chosen)
+        if tail is not None:
+            rows = state.memory.shape[1]
+            return torch.cat([bos, torch.arange(rows) >= rows - tail.shape[1]]), tail
+        return torch.cat([bos, torch.isin(state.provenance[0], chosen) & self.visible(state)]), None
+
+    def candidate_rows(self, state) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer-0 rows `[R, d]` of every chunk a query may choose, and the chunk of each `[R]`: the archive's
+        chunks whole, then the memory's rows of chunks the archive does not hold (never-written rows: -1)."""
+        chunks = state.provenance[0]  # [M] the injection that wrote each row (aligned in every layer)
+        archive = getattr(state, "archive", [])
+        if not archive:
+            return state.memory[0], chunks
+        numbers = torch.tensor([number for number, _ in archive])
+        in_memory = ~torch.isin(chunks, numbers)
+        rows = [chunk[0].to(state.memory.device, state.memory.dtype) for _, chunk in archive]
+        owners = [torch.full((chunk.shape[1],), number) for number, chunk in archive]
+        memory_rows = state.memory[0][in_memory.to(state.memory.device)]
+        return torch.cat([*rows, memory_rows]), torch.cat([*owners, chunks[in_memory]])
+
+    def restored_chunks(self, state, chosen: torch.Tensor) -> torch.Tensor | None:
+        """The `chosen` chunks whole, oldest first, `[L, n, d]` (from the archive; the memory's rows of a chunk it does
+        not hold), where the memory lacks some row of one of them that the archive holds; else `None`."""
+        archived = [state.archived_chunk(int(number)) for number in chosen] if getattr(state, "archive", None) else []
+        in_memory = [int((state.provenance[0] == number).sum()) for number in chosen]
+        if not any(rows is not None and rows.shape[1] > count for rows, count in zip(archived, in_memory)):
             return None
-        read = torch.isin(chunks, chosen) & self.visible(state)
-        return torch.cat([torch.ones(1, dtype=torch.bool), read]) if self.config.add_bos_embedding else read
+        parts = [
+            rows.to(state.memory.device, state.memory.dtype)
+            if rows is not None
+            else state.memory[:, (state.provenance[0] == number).to(state.memory.device)]
+            for number, rows in zip(chosen.tolist(), archived)
+        ]
+        return torch.cat(parts, dim=1)
 
     # ------------------------------------------------------------------------------------------------- update
     def visible(self, state) -> torch.Tensor:
@@ -216,7 +272,8 @@ class TrainingFreeRanked(TrainingFree):
             kept = self.random_rows(written, state.scores[0, written] < 0, keep_written, generator)
         elif kept is None:
             kept = written[self.best_rows(state.scores[:, written], keep_written)]
-        return MemoryUpdate(delta, injection, kept=kept, scores=state.scores_after(kept, scores))
+        scores = state.scores_after(kept, scores)
+        return MemoryUpdate(delta, injection, kept=kept, scores=scores, archive_rows=int(self.config.archive_rows))
 
     def random_rows(self, written: torch.Tensor, repeated: torch.Tensor, keep: int, generator) -> torch.Tensor:
         """The training-free rule's uniform draw of `keep` of the `written` rows, repeated rows dropped first (the

@@ -55,6 +55,21 @@ def get_variant(config) -> "MemoryVariant":
 
 
 @dataclass(frozen=True)
+class QueryRead:
+    """What a new query reads of the prefix, chosen at its prefill (`MemoryVariant.query_read`).
+
+    Attributes:
+        read (`torch.Tensor` of shape `[B, P]`, bool): the prefix rows each batch row may read.
+        tail_rows (`list`, *optional*): per batch row, `None` or memory rows `[L, n, d]` that this query's cache
+            holds in the prefix's last `n` slots instead of the memory's own (`read` covers those slots); the
+            prefix cached on the state is left alone.
+    """
+
+    read: torch.Tensor
+    tail_rows: list | None = None
+
+
+@dataclass(frozen=True)
 class InjectionPlan:
     """How one injection pass of `length` text tokens is laid out."""
 
@@ -117,17 +132,17 @@ class MemoryVariant:
 
     @property
     def reads_per_query(self) -> bool:
-        """Whether `query_read_mask` may choose rows (a static export of the prefix then serves the whole memory)."""
+        """Whether `query_read` may choose rows (a static export of the prefix then serves the whole memory)."""
         return False
 
-    def query_read_mask(self, model, states, input_ids, inputs_embeds, attention_mask) -> torch.Tensor | None:
-        """`[B, P]` bool: the prefix rows that a new query (its `input_ids` or `inputs_embeds` `[B, T(, d)]`) may
-        read, chosen at its prefill from its own tokens; `None`: all of them (here, always)."""
+    def query_read(self, model, states, input_ids, inputs_embeds, attention_mask) -> QueryRead | None:
+        """What a new query (its `input_ids` or `inputs_embeds` `[B, T(, d)]`) reads of the prefix, chosen at its
+        prefill from its own tokens (`QueryRead`); `None`: all of it (here, always)."""
         return None
 
     @contextlib.contextmanager
     def reading_every_row(self):
-        """Within it, every query reads the whole memory (`query_read_mask` chooses nothing); nothing to do here."""
+        """Within it, every query reads the whole memory (`query_read` chooses nothing); nothing to do here."""
         yield
 
     # ---------------------------------------------------------------------------------------------- injection
@@ -277,6 +292,7 @@ __all__ = [
     "InjectionPlan",
     "MemoryLLM8B",
     "MemoryVariant",
+    "QueryRead",
     "TrainingFree",
     "canonical_name",
     "get_variant",

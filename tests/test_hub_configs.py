@@ -155,6 +155,7 @@ VARIANTS = {
             "memory_variant": "training-free-ranked",
             "memory_read": "relevant",
             "read_chunks": 1,
+            "archive_rows": 8192,
             "memory_drop": "random",
             "text_context": "own",
             "attention_score": "mean",

@@ -37,13 +37,20 @@ def assert_same_state(fast, reference) -> None:
     torch.testing.assert_close(fast.memory, reference.memory, atol=1e-5, rtol=1e-5)
     assert torch.equal(fast.provenance, reference.provenance) and fast.injections == reference.injections
     torch.testing.assert_close(fast.scores, reference.scores)
+    assert [number for number, _ in fast.archive] == [number for number, _ in reference.archive]
+    for (_, got), (_, want) in zip(fast.archive, reference.archive):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+ARCHIVE = {"memory_read": "relevant", "read_chunks": 1, "drop_memory_per_layer": False, "archive_rows": 12}
 
 
 @torch.no_grad()
 @pytest.mark.parametrize("drop", ["attention", "random"])
 @pytest.mark.parametrize("context", [[60, 61, 32], [60, 61, 32, 33]])  # the second ends on a whole chunk
-def test_shared_texts_equal_injecting_each_text(drop, context):
-    model = ranked_model(memory_drop=drop)
+@pytest.mark.parametrize("archive", [{}, ARCHIVE])
+def test_shared_texts_equal_injecting_each_text(drop, context, archive):
+    model = ranked_model(memory_drop=drop, **archive)
     shared = SharedTexts(model, TEXTS)
     state, generator = model.new_memory_state(), torch.Generator().manual_seed(3)
     model.inject(context, memory=state, generator=generator, show_progress=False)
@@ -63,6 +70,7 @@ def test_shared_texts_equal_injecting_each_text(drop, context):
             for got, want in zip(prefix.layer(layer), expected.layer(layer)):
                 torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert shared.counts["shared"] > 0 and repeated  # repeated openings were found (and read once)
+    assert bool(fast.archive) == bool(archive) and sum(rows.shape[1] for _, rows in fast.archive) <= 12
     # Texts 0 (after a 4-token context) and 3 (after text 2, a whole chunk) read the text before them: injected.
     assert shared.counts["direct"] == (2 if len(context) == 4 else 1)
 

@@ -337,3 +337,100 @@ def test_reading_every_row_is_what_a_static_export_serves():
     assert model.config.memory_read == "relevant" and model.variant.reads_per_query
     torch.testing.assert_close(model(ids, memory=state).logits, chosen)
     assert not torch.allclose(every, chosen, atol=1e-3)
+
+
+# ------------------------------------------------------------------------------------------- archive_rows
+TEXTS = [[10 * t, 10 * t + 1, 10 * t + 2] for t in range(1, 9)]  # 8 texts of 3 rows into a memory of 16 rows
+
+
+def archived(**options):
+    model = relevant(archive_rows=64, **options)
+    state = model.new_memory_state()
+    model.inject(TEXTS, memory=state)
+    return model, state
+
+
+def chunk_rows(model, text) -> torch.Tensor:
+    """The rows `[L, n, d]` that `text` writes into a new memory (each text is written on its own)."""
+    alone = model.new_memory_state()
+    model.inject(text, memory=alone)
+    return alone.memory[:, alone.provenance[0] == 1]
+
+
+def at_the_end(model, rows: torch.Tensor) -> MemoryState:
+    """A plain memory holding only `rows` `[L, n, d]`, in its last slots (the training-free rule reads no others)."""
+    memory = torch.zeros_like(model.memory_state.memory)
+    memory[:, -rows.shape[1] :] = rows
+    provenance = torch.full(memory.shape[:2], -1)
+    provenance[:, -rows.shape[1] :] = 1
+    return MemoryState(memory, True, provenance, 1)
+
+
+def test_archive_options_are_checked():
+    assert tiny_config(memory_variant="training-free-ranked").archive_rows == 0
+    with pytest.raises(ValueError, match="memory_read"):
+        tiny_config(memory_variant="training-free-ranked", drop_memory_per_layer=False, archive_rows=64)
+    with pytest.raises(ValueError, match="hold read_chunks"):
+        relevant(archive_rows=3)
+
+
+@torch.no_grad()
+def test_the_archive_keeps_every_chunk_whole_up_to_its_size():
+    model, state = archived()
+    assert [number for number, _ in state.archive] == list(range(1, 9))
+    for number, text in enumerate(TEXTS, start=1):
+        torch.testing.assert_close(state.archived_chunk(number), chunk_rows(model, text))
+    assert int((state.provenance[0] == 1).sum()) < 3  # the first text lost rows to the drop
+    small = relevant(archive_rows=7)
+    kept = small.new_memory_state()
+    small.inject(TEXTS, memory=kept)
+    assert [number for number, _ in kept.archive] == [7, 8]  # the oldest chunks left: 3 + 3 rows <= 7
+    torch.testing.assert_close(kept.memory, state.memory)  # the archive changes nothing in the memory
+    assert state.nbytes == kept.nbytes + 6 * 3 * state.memory.shape[0] * state.memory.shape[2] * 4
+
+
+@torch.no_grad()
+def test_a_query_reads_a_chunk_the_memory_thinned_out_whole_from_the_archive():
+    model, state = archived()
+    ids = torch.tensor([[5, 11, 6]])  # asks about the first text
+    reference = tiny_model(0, memory_variant="training-free", num_tokens=4, num_blocks=4, max_inject_length=4)
+    whole = at_the_end(model, chunk_rows(model, TEXTS[0]))
+    expected = reference(ids, memory=whole).logits
+    torch.testing.assert_close(model(ids, memory=state).logits, expected)
+    without = relevant()
+    thinned = without.new_memory_state()
+    without.inject(TEXTS, memory=thinned)
+    assert not torch.allclose(without(ids, memory=thinned).logits, expected, atol=1e-3)  # what is left of it
+    generated = model.generate(ids, memory=state, max_new_tokens=4, do_sample=False)
+    assert torch.equal(generated, reference.generate(ids, memory=whole, max_new_tokens=4, do_sample=False))
+    static = model.generate(ids, memory=state, max_new_tokens=4, do_sample=False, cache_implementation="static")
+    assert torch.equal(static, generated)
+    again = model(ids, memory=state).logits  # the memory's own cached prefix was left alone
+    torch.testing.assert_close(again, expected)
+
+
+@torch.no_grad()
+def test_a_batch_restores_per_row_and_an_intact_chunk_is_read_in_place():
+    model, state = archived()
+    ids = torch.tensor([[5, 11, 6], [81, 7, 82]])  # the first text (thinned out), the last (intact)
+    batch = model(ids, memory=state).logits
+    torch.testing.assert_close(batch[:1], model(ids[:1], memory=state).logits)
+    torch.testing.assert_close(batch[1:], read_by_hand(model, state, ids[1:], [8]))
+
+
+@torch.no_grad()
+def test_files_keep_the_archive(tmp_path):
+    model, state = archived()
+    state.save(tmp_path / "memory.safetensors", model.config)
+    loaded = RankedMemoryState.load(tmp_path / "memory.safetensors", config=model.config)
+    assert [number for number, _ in loaded.archive] == [number for number, _ in state.archive]
+    for (_, mine), (_, theirs) in zip(state.archive, loaded.archive):
+        torch.testing.assert_close(theirs, mine)
+    ids = torch.tensor([[5, 11, 6]])
+    torch.testing.assert_close(model(ids, memory=loaded).logits, model(ids, memory=state).logits)
+    from modeling_memoryllm.memory_state_ranked import _archive_of
+
+    tensors, _ = state.file_contents()
+    tensors["archive_chunks"][1, 0] += 1  # counts that do not add up to the rows
+    with pytest.raises(ValueError, match="add up"):
+        _archive_of("memory.safetensors", tensors, state.memory)

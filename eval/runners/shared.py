@@ -76,11 +76,25 @@ class Track:
         numbers = self.proxy.memory[[0, -1], :, 0].long()
         return pick_rows(numbers, self.base.memory.shape[1], self.base.memory[[0, -1]], self.shared.rows[[0, -1]])
 
+    def archive(self) -> list:
+        """The archive (`archive_rows`) of the memory this track stands for: `base`'s own chunks, and views of the
+        shared rows for the chunks written through the track (their rows there are row numbers)."""
+        own = {id(rows) for _, rows in self.base.archive}
+        chunks = []
+        for number, rows in self.proxy.archive:
+            if id(rows) not in own:  # row numbers of consecutive shared rows
+                first = int(rows[0, 0, 0]) - self.base.memory.shape[1]
+                rows = self.shared.rows[:, first : first + rows.shape[1]]
+            chunks.append((number, rows))
+        return chunks
+
     def state(self):
         """The memory this track stands for, with its reading prefix already cached."""
         shared, own_rows = self.shared, self.base.memory.shape[1]
         numbers = self.proxy.memory[..., 0].long()
         state = self.proxy.with_rows(pick_rows(numbers, own_rows, self.base.memory, shared.rows))
+        if getattr(state, "archive", None):
+            state.archive = self.archive()
         keys = torch.cat([shared.bos_keys, pick_rows(numbers, own_rows, self.keys, shared.keys)], dim=1)
         values = torch.cat([shared.bos_values, pick_rows(numbers, own_rows, self.values, shared.values)], dim=1)
         shared.kv.cache_on(state, shared.kv.prefix(keys, values, shared.variant.prefix_written(state)))
