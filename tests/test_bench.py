@@ -20,7 +20,7 @@ from modeling_memoryllm.testing_utils import tiny_config  # noqa: E402
 
 
 ROOT = Path(__file__).resolve().parents[1]
-MEASURES = {"ttft", "per_query_cost", "injection", "decode", "size", "gpu_8b"}
+MEASURES = {"ttft", "per_query_cost", "injection", "decode", "size", "read", "gpu_8b"}
 RATIOS = {
     "ttft": {"cached_vs_plain", "recompute_vs_cached", "in_context_vs_cached"},
     "per_query_cost": {"last_vs_first", "max_vs_min", "control_max_vs_min"},
@@ -96,6 +96,25 @@ def test_quick_measure_details(quick):
     gpu = measures["gpu_8b"]
     if not torch.cuda.is_available():
         assert gpu["skipped"] is True and "GPU" in gpu["reason"]
+
+
+def test_read_measure_times_a_restored_and_an_in_place_chunk(quick, tmp_path):
+    from eval.bench.measures import read
+    from eval.bench.measures.base import Bench, Context
+    from modeling_memoryllm.testing_utils import tiny_model
+
+    assert "skipped" in quick[1]["measures"]["read"]  # the quick preset reads its whole memory
+    options = dict(memory_variant="training-free-ranked", memory_read="relevant", read_chunks=1, archive_rows=4096)
+    model = tiny_model(0, "bench", drop_memory_per_layer=False, **options)
+    bench = Bench(model, lambda: None, 2, 0, 16, 4, (1,), 1, 1, (32,))  # the tiny vocabulary: long enough to match
+    result = read.run(Context(None, torch.device("cpu"), str(tmp_path), bench=bench))
+    assert result["first_text_rows_in_memory"] < read.TEXT_TOKENS  # the first text lost rows
+    for point in result["by_query_tokens"]:
+        assert point["restores"] == {"first": True, "last": False}
+        assert set(point["variants"]) == {"plain", "in_place", "restored", "whole_memory"}
+        floor = point["ratios"]["floor"]
+        assert floor["ratio"] > 1 and floor["restored_flops"] > floor["in_place_flops"]
+    assert [t["op"] for t in result["targets"]] == ["<=", "<="] and len(read.rows(result)) == 2
 
 
 def test_soak_mode(tmp_path, capsys):

@@ -46,7 +46,8 @@ def plot_bench(result: dict, out_dir: str) -> list[str]:
     """The figures of `bench.json`'s measures (`ttft.png`, `per_query_cost.png`, `throughput.png`); their paths."""
     machine, model = result["machine"], result["settings"]["model"]
     title = f"{model['name']} | {machine['device_name']} | {machine['torch_threads']} threads"
-    return [_draw(measure, result["measures"], out_dir, title) for measure in of("bench") if measure.plot]
+    present = result["measures"]
+    return [_draw(m, present, out_dir, title) for m in of("bench") if m.plot and m.key in present]
 
 
 def plot_soak(soak: dict, out_dir: str) -> list[str]:
@@ -67,7 +68,8 @@ def table(result: dict | None, soak: dict | None = None) -> str:
             "",
         ]
     lines += TABLE_HEADER
-    rows = [row for m in of("bench") if result is not None for row in m.rows(result["measures"][m.key])]
+    present = result["measures"] if result is not None else {}
+    rows = [row for m in of("bench") if m.key in present for row in m.rows(present[m.key])]
     rows += [row for m in of("soak") if soak is not None for row in m.rows(soak)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines) + "\n"

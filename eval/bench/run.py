@@ -72,6 +72,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--replot", action="store_true", help="only redraw plots and table from the JSON in --out")
     parser.add_argument("--skip-8b", action="store_true", help="skip measure 6 even on a GPU")
     parser.add_argument("--gpu-query-tokens", type=int, default=2048, help="query length of measure 6")
+    parser.add_argument("--measures", help="only these measures of bench.json, by key (e.g. read,ttft; use --out)")
     args = parser.parse_args(argv)
     for name, (full, quick) in DEFAULTS.items():
         if getattr(args, name) is None:
@@ -119,11 +120,13 @@ def run_bench(args: argparse.Namespace, device: torch.device) -> dict:
     max_injected = default_max_injected(args, device)
     info = model_info(model, name)
     context = Context(args, device, args.out, bench=make_bench(args, model, device))
-    context.grow(max_injected)
-    results = run_measures(context, [m for m in of("bench") if m.uses_model])
+    chosen = selected(args)
+    if any(m.grows for m in chosen if m.uses_model):
+        context.grow(max_injected)
+    results = run_measures(context, [m for m in chosen if m.uses_model])
     del model, context
     gc.collect()
-    results |= run_measures(Context(args, device, args.out), [m for m in of("bench") if not m.uses_model])
+    results |= run_measures(Context(args, device, args.out), [m for m in chosen if not m.uses_model])
     if args.quick:
         waive_targets(results, "quick mode (tiny config): the targets are for the default sizes")
     machine["load_average_end"] = load_average()
@@ -144,6 +147,15 @@ def run_bench(args: argparse.Namespace, device: torch.device) -> dict:
         "measures": results,
         "targets": collect_targets(results),
     }
+
+
+def selected(args: argparse.Namespace) -> list:
+    """The measures of `bench.json` that `--measures` names (all of them without it), in the registry's order."""
+    keys = [key for key in (args.measures or "").split(",") if key]
+    unknown = set(keys) - {m.key for m in of("bench")}
+    if unknown:
+        raise SystemExit(f"unknown measures {sorted(unknown)}; choose from {', '.join(m.key for m in of('bench'))}")
+    return [m for m in of("bench") if not keys or m.key in keys]
 
 
 def run_measures(context: Context, selected: list) -> dict:

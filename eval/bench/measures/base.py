@@ -40,7 +40,8 @@ class Measure:
     any, draws `figure` (PNG), from all of `bench.json`'s measures (a figure may show more than one) or from the
     soak's result. `source`: `"bench"` (a measure of `bench.json`, run by the default and `--quick` modes) or
     `"soak"` (`soak.json`, run by `--soak N`). `uses_states`: reads the memories grown for measures 1-2 (dropped
-    after the last one that does); `uses_model`: runs on the model under test (else after it is freed).
+    after the last one that does); `uses_model`: runs on the model under test (else after it is freed); `grows`:
+    needs that memory grown (`--measures` without such a measure skips growing it).
     """
 
     key: str
@@ -53,6 +54,7 @@ class Measure:
     source: str = "bench"
     uses_states: bool = False
     uses_model: bool = True
+    grows: bool = True  # reads the memory grown once for measures 1-5 (`Context.grow`)
 
 
 @dataclass
