@@ -58,11 +58,12 @@ def stats_line(state: MemoryState) -> str:
     """`serving.memory_stats` in one line."""
     stats = memory_stats(state)
     per_layer = ", ".join(f"#{k}: {v:.4g}" for k, v in stats["rows_by_injection"].items())
+    archive = f"; archive: {stats['archived_chunks']} chunks, {stats['archived_rows']} rows"
     return (
         f"memory {stats['layers']} layers x {stats['rows']} rows x {stats['width']} ({stats['megabytes']:.1f} MB, "
         f"{stats['dtype']}); initialized={stats['initialized']}; injections={stats['injections']}; "
         f"rows written per layer: {stats['rows_written']} of {stats['rows']}; rows per layer by injection: "
-        f"{per_layer or 'none'}"
+        f"{per_layer or 'none'}" + (archive if stats["archived_chunks"] else "")
     )
 
 

@@ -335,9 +335,11 @@ def inject_steps(
 def memory_stats(state: MemoryState) -> dict:
     """What a front end shows of a memory: shape, bytes, dtype, injections, rows written, and rows per layer by
     source (`rows_by_source`: -1 never written, 0 initial rows, n injection n; a mean over the layers, since
-    random drops differ between layers) and by injection only (`rows_by_injection`)."""
+    random drops differ between layers) and by injection only (`rows_by_injection`); the chunks an archive holds
+    whole (`archived_chunks`, `archived_rows` per layer; `archive_rows`) and the bytes of it all (`megabytes`)."""
     layers, rows, width = state.memory.shape
     by_source = {k: v / layers for k, v in sorted(state.provenance_summary().items())}
+    archive = getattr(state, "archive", [])
     return {
         "layers": layers,
         "rows": rows,
@@ -350,6 +352,8 @@ def memory_stats(state: MemoryState) -> dict:
         "initial_rows": int(by_source.get(INITIAL_ROWS, 0)),
         "rows_by_source": by_source,
         "rows_by_injection": {k: v for k, v in by_source.items() if k > INITIAL_ROWS},
+        "archived_chunks": len(archive),
+        "archived_rows": sum(rows.shape[1] for _, rows in archive),
     }
 
 

@@ -150,7 +150,19 @@ def test_memory_stats_of_a_known_state():
         "initial_rows": 0,  # half a row per layer: layer 1 dropped it
         "rows_by_source": {-1: 1.0, 0: 0.5, 1: 1.5, 2: 1.0},
         "rows_by_injection": {1: 1.5, 2: 1.0},
+        "archived_chunks": 0,
+        "archived_rows": 0,
     }
+
+
+def test_memory_stats_count_the_archive():
+    from tests.test_variant_ranked import archived
+
+    _, state = archived()
+    stats = serving.memory_stats(state)
+    assert stats["archived_chunks"] == 8 and stats["archived_rows"] == 24
+    assert stats["megabytes"] == state.nbytes / 1e6 > state.memory.numel() * 4 / 1e6
+    assert stats_line(state).endswith("; archive: 8 chunks, 24 rows")
 
 
 def test_cli_stats_line_formats_memory_stats():

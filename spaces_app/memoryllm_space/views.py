@@ -33,6 +33,11 @@ def stats_markdown(stats: dict) -> str:
         f"**Rows per layer by injection:** {by_injection or 'none yet'}"
         + (f" · rows it started with: {initial:,}" if initial else ""),
     ]
+    if stats.get("archived_chunks"):
+        lines.append(
+            f"**Archive:** {stats['archived_chunks']} chunks kept whole ({stats['archived_rows']:,} rows per layer), "
+            "read whole when a question's chunk lost rows"
+        )
     return "  \n".join(lines)
 
 
