@@ -475,11 +475,14 @@ def cache_with_prefix(
     prefixes = [reading_prefix(model, state) for state in states]
     read = model.variant.query_read(model, states, *query, attention_mask)
     tails = read.tail_rows if read is not None else None
+    appends = tails is not None and type(cache) is MemoryPrefixCache and not cache.offloading and not cache.read_only
     if isinstance(cache, MemoryPrefixCache):
-        cache.attach_prefix(prefixes, batch_size, private=tails is not None)
+        cache.attach_prefix(prefixes, batch_size, private=tails is not None and not appends)
     else:
         cache.attach_prefix(prefixes, batch_size)
-    if read is not None:
+    if appends:
+        append_tails(model, cache, read)
+    elif read is not None:
         apply_query_read(model, cache, read)
     cache.retrieval = model.variant.retrieval(model, states, attention_mask, batch_size)
     return cache, cache.prefix_length
@@ -496,6 +499,38 @@ def apply_query_read(model, cache: "MemoryCacheMixin", read) -> None:
             prefix_read[row] = chosen[row]
     cache.prefix_written = prefix_read
     cache.position_shift = trailing_unread(chosen)
+
+
+def append_tails(model, cache: "MemoryPrefixCache", read) -> None:
+    """`apply_query_read` without a copy of the prefix: the tail rows (`[L, n_b, d]` per batch row, or `None`) are
+    appended after the prefix, as `n = max n_b` more prefix rows whose keys sit at positions `P - n_b .. P - 1`; a row
+    with a tail reads bos and its tail, and its text positions start at `P` (shifted by `n`), as if the tail had
+    been written into the prefix's last slots; a row without one reads what it chose."""
+    length, count = cache.prefix_length, max(rows.shape[1] for rows in read.tail_rows if rows is not None)
+    tails = [(row, rows) for row, rows in enumerate(read.tail_rows) if rows is not None]
+    for idx, layer in enumerate(model.model.layers):
+        weight = layer.input_layernorm.weight
+        shape = (len(read.tail_rows), model.config.num_key_value_heads, count, layer.self_attn.head_dim)
+        keys = weight.new_zeros(shape)  # [B, Hkv, n, hd]
+        values = torch.zeros_like(keys)
+        for row, rows in tails:  # row `row`'s tail fills the last n_b appended slots
+            layer_rows = rows[idx][None].to(weight.device, weight.dtype)  # [1, n_b, d]
+            start = length - rows.shape[1]
+            keys[row, :, count - rows.shape[1] :], values[row, :, count - rows.shape[1] :] = (
+                part[0] for part in layer_key_values(layer, layer_rows, model.model.rotary_emb, start)
+            )
+        cache.layers[idx].update(keys, values)
+    written = cache.prefix_written if cache.prefix_written is not None else torch.ones_like(read.read)
+    chosen = written.to(read.read.device) & read.read
+    appended = torch.zeros(len(read.tail_rows), count, dtype=torch.bool)
+    for row, rows in tails:
+        chosen[row, int(model.config.add_bos_embedding) :] = False  # bos only, of the prefix
+        appended[row, count - rows.shape[1] :] = True
+    cache.prefix_written = torch.cat([chosen, appended], dim=1)
+    shift = trailing_unread(cache.prefix_written)
+    for row, _ in tails:
+        shift[row] = count  # the text follows the tail's positions, `P ..`
+    cache.prefix_length, cache.position_shift = length + count, shift
 
 
 def write_tail(model, cache: "MemoryCacheMixin", row: int, rows: torch.Tensor) -> None:

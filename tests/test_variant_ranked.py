@@ -407,6 +407,14 @@ def test_a_query_reads_a_chunk_the_memory_thinned_out_whole_from_the_archive():
     assert torch.equal(static, generated)
     again = model(ids, memory=state).logits  # the memory's own cached prefix was left alone
     torch.testing.assert_close(again, expected)
+    del static, again
+    import gc
+
+    gc.collect()  # the earlier caches release their lease on the state's prefix
+    cache = model(ids, memory=state, use_cache=True).past_key_values  # the tail follows the prefix: no copy of it
+    prefix = state.prefix
+    assert cache.layers[0]._key_buffer.data_ptr() == prefix.key_buffers[0].data_ptr()
+    assert cache.prefix_length == prefix.length + 3 and cache.get_seq_length() == 3
 
 
 @torch.no_grad()
