@@ -514,11 +514,8 @@ def append_tails(model, cache: "MemoryPrefixCache", read) -> None:
         keys = weight.new_zeros(shape)  # [B, Hkv, n, hd]
         values = torch.zeros_like(keys)
         for row, rows in tails:  # row `row`'s tail fills the last n_b appended slots
-            layer_rows = rows[idx][None].to(weight.device, weight.dtype)  # [1, n_b, d]
-            start = length - rows.shape[1]
-            keys[row, :, count - rows.shape[1] :], values[row, :, count - rows.shape[1] :] = (
-                part[0] for part in layer_key_values(layer, layer_rows, model.model.rotary_emb, start)
-            )
+            slots = slice(count - rows.shape[1], count)
+            keys[row, :, slots], values[row, :, slots] = tail_key_values(model, idx, rows, length - rows.shape[1])
         cache.layers[idx].update(keys, values)
     written = cache.prefix_written if cache.prefix_written is not None else torch.ones_like(read.read)
     chosen = written.to(read.read.device) & read.read
@@ -537,13 +534,20 @@ def write_tail(model, cache: "MemoryCacheMixin", row: int, rows: torch.Tensor) -
     """Write the keys/values of memory rows `rows` `[L, n, d]` into the last `n` prefix slots of batch row `row` of
     every layer of `cache` (a private copy of the prefix), at those slots' positions."""
     start = cache.prefix_length - rows.shape[1]
-    for idx, layer in enumerate(model.model.layers):
-        weight = layer.input_layernorm.weight
-        layer_rows = rows[idx][None].to(weight.device, weight.dtype)  # [1, n, d]
-        keys, values = layer_key_values(layer, layer_rows, model.model.rotary_emb, start)
+    for idx in range(len(model.model.layers)):
+        keys, values = tail_key_values(model, idx, rows, start)
         cached = cache.layers[idx]
-        cached.keys[row, :, start : cache.prefix_length] = keys[0].to(cached.keys.device, cached.keys.dtype)
-        cached.values[row, :, start : cache.prefix_length] = values[0].to(cached.values.device, cached.values.dtype)
+        cached.keys[row, :, start : cache.prefix_length] = keys.to(cached.keys.device, cached.keys.dtype)
+        cached.values[row, :, start : cache.prefix_length] = values.to(cached.values.device, cached.values.dtype)
+
+
+def tail_key_values(model, idx: int, rows: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer `idx`'s keys and values `[Hkv, n, hd]` of memory rows `rows` `[L, n, d]` at positions `start..`."""
+    layer = model.model.layers[idx]
+    weight = layer.input_layernorm.weight
+    layer_rows = rows[idx][None].to(weight.device, weight.dtype)  # [1, n, d]
+    keys, values = layer_key_values(layer, layer_rows, model.model.rotary_emb, start)
+    return keys[0], values[0]
 
 
 def checkpointed(model, states=()) -> bool:
