@@ -35,8 +35,8 @@ Config options (read from the config; defaults in brackets):
     archive_rows (`0`): with `memory_read="relevant"`, keep every chunk written whole in a CPU archive of up to this
         many rows per layer (the oldest chunks leave first; 0: none), as M+ keeps the rows its memory drops. A query
         then chooses among every chunk the memory or the archive holds, and one whose chunk lost rows to the drop
-        (or left the memory) reads it whole from the archive: its rows fill the prefix's last slots of this query's
-        cache (`QueryRead.tail_rows`), and the memory itself and its cached prefix stay as they are.
+        (or left the memory) reads it whole from the archive, at the prefix's last positions, in this query's cache only
+        (`QueryRead.tail_rows`); the memory itself and its cached prefix stay as they are.
 
 The released rules (`memoryllm-8b`, `memoryllm-7b`, `training-free`) are untouched.
 """

@@ -42,7 +42,7 @@ def query_about(bench: Bench, text: torch.Tensor, tokens: int) -> torch.Tensor:
 
 def restore_floor(shape: Shape, tokens: int, rows: int) -> dict:
     """Restoring a chunk of `rows` rows vs reading it in place: the prefill plus the chunk's key/value projections
-    in every layer (FLOPs; the copy of the prefix it writes into is not counted: it is not needed in principle)."""
+    in every layer (FLOPs; the default cache appends the chunk after the prefix, with no copy of it)."""
     cached = ttft_floor(shape, tokens)["memory_flops"]
     restored = cached + shape.layers * shape.key_value_flops(rows)
     return {"bound": "compute", "in_place_flops": cached, "restored_flops": restored, "ratio": restored / cached}
