@@ -25,6 +25,8 @@ from .lora import active_adapter
 
 # Spare rows allocated after a prefix, so that a query and its generated tokens are written in place.
 SPARE_ROWS = 512
+# Restored tail rows whose keys/values a prefix keeps (`tail_layers`; 11.8 MB each for a 256-row chunk of the default).
+KEPT_TAILS = 8
 
 
 class SharedPrefix:
@@ -47,6 +49,7 @@ class SharedPrefix:
         self.written = written  # [P] (or [B, P]) bool: prefix rows that may be attended to; None: all of them
         self.key_buffers = [_with_spare(k, spare) for k in keys]  # each [1 (or B), Hkv, P + spare, hd]
         self.value_buffers = [_with_spare(v, spare) for v in values]
+        self.tails: dict = {}  # the last tail rows' keys/values of this version (`tail_layers`), newest last
         self._lease = threading.Lock()
 
     def try_lease(self, owner) -> bool:
@@ -474,69 +477,107 @@ def cache_with_prefix(
     check_cache_fits(model, cache, model.config.prefix_length, text_rows=0)
     prefixes = [reading_prefix(model, state) for state in states]
     read = model.variant.query_read(model, states, *query, attention_mask)
-    tails = read.tail_rows if read is not None else None
-    appends = tails is not None and type(cache) is MemoryPrefixCache and not cache.offloading and not cache.read_only
-    if isinstance(cache, MemoryPrefixCache):
-        cache.attach_prefix(prefixes, batch_size, private=tails is not None and not appends)
+    if read is not None and type(cache) is MemoryPrefixCache and not cache.offloading and not cache.read_only:
+        attach_read_rows(model, cache, prefixes, read, batch_size)  # the default cache: only the rows read
     else:
-        cache.attach_prefix(prefixes, batch_size)
-    if appends:
-        append_tails(model, cache, read)
-    elif read is not None:
-        apply_query_read(model, cache, read)
+        if isinstance(cache, MemoryPrefixCache):
+            cache.attach_prefix(prefixes, batch_size, private=read is not None and read.tail_rows is not None)
+        else:
+            cache.attach_prefix(prefixes, batch_size)
+        if read is not None:  # other caches: the whole prefix, masked to what the query reads
+            apply_query_read(model, cache, read, prefixes)
     cache.retrieval = model.variant.retrieval(model, states, attention_mask, batch_size)
     return cache, cache.prefix_length
 
 
-def apply_query_read(model, cache: "MemoryCacheMixin", read) -> None:
+def attach_read_rows(model, cache: "MemoryPrefixCache", prefixes: list[SharedPrefix], read, batch_size: int) -> None:
+    """Start `cache` with only the prefix rows the query reads (`QueryRead`), gathered into buffers of its own: per
+    batch row its chosen written rows, or bos and its tail rows (`[L, n, d]`, whose keys/values are computed here,
+    at positions `P - n .. P - 1`), each key at its own position; shorter rows are padded with unread slots. The
+    text positions follow the last row read (`P` after a tail), as in `apply_query_read`, but attention and every
+    decoding step only touch the rows read."""
+    length, bos = prefixes[0].length, int(model.config.add_bos_embedding)
+    written = written_mask(prefixes, batch_size)
+    chosen = read.read.clone() if written is None else written.to(read.read.device) & read.read  # [B, P]
+    tails = read.tail_rows or [None] * batch_size
+    slots, starts = [], length - trailing_unread(chosen)  # [B] the first text position
+    for row, tail in enumerate(tails):
+        if tail is not None:
+            chosen[row, bos:] = False  # bos only, of the prefix
+            starts[row] = length
+        slots.append(chosen[row].nonzero()[:, 0])
+    counts = [len(taken) + (0 if tail is None else tail.shape[1]) for taken, tail in zip(slots, tails)]
+    width = max(counts)
+    tail_kv = [tail_layers(model, prefixes[row if len(prefixes) > 1 else 0], read, row) for row in range(batch_size)]
+    layers = []
+    for idx in range(len(prefixes[0].key_buffers)):
+        keys, values = _read_rows(idx, prefixes, slots, [kv and kv[idx] for kv in tail_kv], width)
+        layer = PrefixLayer()
+        layer.attach(keys, values, width)
+        layers.append(layer)
+    cache.layers, cache.layer_class_to_replicate = layers, PrefixLayer
+    cache.prefix_length = width
+    cache.prefix_written = torch.arange(width)[None] < torch.tensor(counts)[:, None]  # [B, width]
+    cache.position_shift = width - starts
+
+
+def _read_rows(idx: int, prefixes: list[SharedPrefix], slots: list, tails: list, width: int):
+    """Layer `idx`'s buffers `[B, Hkv, width + SPARE_ROWS, hd]` for `attach_read_rows`: per batch row, the prefix's
+    keys/values at `slots[row]`, then the tail's `tails[row]` (`([Hkv, n, hd], [Hkv, n, hd])` or `None`), then unread
+    zeros."""
+    first_keys, _ = prefixes[0].layer(idx)
+    shape = (len(slots), first_keys.shape[1], width + SPARE_ROWS, first_keys.shape[3])
+    keys, values = first_keys.new_zeros(shape), first_keys.new_zeros(shape)
+    for row, (taken, tail) in enumerate(zip(slots, tails)):
+        prefix_keys, prefix_values = prefixes[row if len(prefixes) > 1 else 0].layer(idx)  # [1, Hkv, P, hd]
+        taken = taken.to(prefix_keys.device)
+        keys[row, :, : len(taken)], values[row, :, : len(taken)] = prefix_keys[0, :, taken], prefix_values[0, :, taken]
+        if tail is not None:
+            end = len(taken) + tail[0].shape[1]
+            keys[row, :, len(taken) : end], values[row, :, len(taken) : end] = tail
+    return keys, values
+
+
+def tail_layers(model, prefix: SharedPrefix, read, row: int) -> list | None:
+    """Per layer, the keys/values `[Hkv, n, hd]` of batch row `row`'s tail rows (`QueryRead.tail_rows`) at the
+    prefix's last `n` positions, or `None` without a tail. Kept on `prefix` (one memory version) under the tail's
+    `tail_keys` entry, up to `KEPT_TAILS` of them, so that a chunk restored again costs no projection; computed
+    afresh in training or without a key."""
+    rows = read.tail_rows[row] if read.tail_rows is not None else None
+    if rows is None:
+        return None
+    key = read.tail_keys[row] if read.tail_keys is not None else None
+    if key is not None and key in prefix.tails and not model.training:
+        prefix.tails[key] = prefix.tails.pop(key)  # the newest
+        return prefix.tails[key]
+    start = prefix.length - rows.shape[1]
+    layers = [tail_key_values(model, idx, rows, start) for idx in range(len(model.model.layers))]
+    if key is not None and not model.training:
+        prefix.tails[key] = layers
+        while len(prefix.tails) > KEPT_TAILS:
+            prefix.tails.pop(next(iter(prefix.tails)))
+    return layers
+
+
+def apply_query_read(model, cache: "MemoryCacheMixin", read, prefixes: list[SharedPrefix]) -> None:
     """Narrow `cache`'s prefix to what the query reads (`QueryRead`): the written rows it chose (its tail rows
     whatever the memory held there), its positions closed up behind the last of them."""
     chosen = read.read.to(cache.prefix_written.device) if cache.prefix_written is not None else read.read
     prefix_read = chosen if cache.prefix_written is None else cache.prefix_written & chosen
-    for row, rows in enumerate(read.tail_rows or ()):
-        if rows is not None:
-            write_tail(model, cache, row, rows)
+    for row in range(len(chosen)):
+        layers = tail_layers(model, prefixes[row if len(prefixes) > 1 else 0], read, row)
+        if layers is not None:
+            write_tail(cache, row, layers)
             prefix_read[row] = chosen[row]
     cache.prefix_written = prefix_read
     cache.position_shift = trailing_unread(chosen)
 
 
-def append_tails(model, cache: "MemoryPrefixCache", read) -> None:
-    """`apply_query_read` without a copy of the prefix: the tail rows (`[L, n_b, d]` per batch row, or `None`) are
-    appended after the prefix, as `n = max n_b` more prefix rows whose keys sit at positions `P - n_b .. P - 1`; a row
-    with a tail reads bos and its tail, and its text positions start at `P` (shifted by `n`), as if the tail had
-    been written into the prefix's last slots; a row without one reads what it chose."""
-    length, count = cache.prefix_length, max(rows.shape[1] for rows in read.tail_rows if rows is not None)
-    tails = [(row, rows) for row, rows in enumerate(read.tail_rows) if rows is not None]
-    for idx, layer in enumerate(model.model.layers):
-        weight = layer.input_layernorm.weight
-        shape = (len(read.tail_rows), model.config.num_key_value_heads, count, layer.self_attn.head_dim)
-        keys = weight.new_zeros(shape)  # [B, Hkv, n, hd]
-        values = torch.zeros_like(keys)
-        for row, rows in tails:  # row `row`'s tail fills the last n_b appended slots
-            slots = slice(count - rows.shape[1], count)
-            keys[row, :, slots], values[row, :, slots] = tail_key_values(model, idx, rows, length - rows.shape[1])
-        cache.layers[idx].update(keys, values)
-    written = cache.prefix_written if cache.prefix_written is not None else torch.ones_like(read.read)
-    chosen = written.to(read.read.device) & read.read
-    appended = torch.zeros(len(read.tail_rows), count, dtype=torch.bool)
-    for row, rows in tails:
-        chosen[row, int(model.config.add_bos_embedding) :] = False  # bos only, of the prefix
-        appended[row, count - rows.shape[1] :] = True
-    cache.prefix_written = torch.cat([chosen, appended], dim=1)
-    shift = trailing_unread(cache.prefix_written)
-    for row, _ in tails:
-        shift[row] = count  # the text follows the tail's positions, `P ..`
-    cache.prefix_length, cache.position_shift = length + count, shift
-
-
-def write_tail(model, cache: "MemoryCacheMixin", row: int, rows: torch.Tensor) -> None:
-    """Write the keys/values of memory rows `rows` `[L, n, d]` into the last `n` prefix slots of batch row `row` of
-    every layer of `cache` (a private copy of the prefix), at those slots' positions."""
-    start = cache.prefix_length - rows.shape[1]
-    for idx in range(len(model.model.layers)):
-        keys, values = tail_key_values(model, idx, rows, start)
-        cached = cache.layers[idx]
+def write_tail(cache: "MemoryCacheMixin", row: int, layers: list) -> None:
+    """Write the tail keys/values of every layer (`tail_layers`) into the last `n` prefix slots of batch row `row` of
+    `cache` (a private copy of the prefix)."""
+    for cached, (keys, values) in zip(cache.layers, layers):
+        start = cache.prefix_length - keys.shape[1]
         cached.keys[row, :, start : cache.prefix_length] = keys.to(cached.keys.device, cached.keys.dtype)
         cached.values[row, :, start : cache.prefix_length] = values.to(cached.values.device, cached.values.dtype)
 

@@ -32,6 +32,10 @@ Config options (read from the config; defaults in brackets):
         read where no chunk shares a token. Needs `drop_memory_per_layer=False` (a chunk's rows then sit at the
         same slots of every layer).
     read_chunks (`2`): see `"relevant"`.
+    read_match (`"exact"`): how `"relevant"` matches a query's tokens with a chunk's: `"exact"` (the same token) or
+        `"folded"` (the same text once stripped of spaces and case-folded, so a lowercase question such as NQ's "who
+        founded kestrelmoor ship museum" matches " Kestrelmoor" and "Ship"; `fold_table`, from `model.tokenizer`).
+        A query given as `inputs_embeds`, or a model without a tokenizer, matches exactly.
     archive_rows (`0`): with `memory_read="relevant"`, keep every chunk written whole in a CPU archive of up to this
         many rows per layer (the oldest chunks leave first; 0: none), as M+ keeps the rows its memory drops. A query
         then chooses among every chunk the memory or the archive holds, and one whose chunk lost rows to the drop
@@ -45,12 +49,15 @@ import contextlib
 
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+from transformers.utils import logging
 
 from .lora import active_adapter
 from .memory_state import EMPTY_ROWS, MemoryUpdate
 from .memory_state_ranked import UNKNOWN_SCORE, VARIANT, RankedMemoryState
 from .variants import InjectionPlan, QueryRead, TrainingFree, register_variant
 
+
+logger = logging.get_logger(__name__)
 
 DROPS = ("attention", "random")
 SCORES = ("mean", "sum", "window")
@@ -63,8 +70,10 @@ DEFAULT_OPTIONS = {
     "memory_read": "all",
     "read_chunks": 2,
     "archive_rows": 0,
+    "read_match": "exact",
 }
 READS = ("all", "relevant")
+MATCHES = ("exact", "folded")
 CONTEXTS = ("own", "window")  # "own" by default: with "window", the default given the demo passage twice answered
 # every demo question with "The island itself has no trees." (the second copy read the first one's last rows)
 
@@ -89,8 +98,8 @@ class TrainingFreeRanked(TrainingFree):
             )
         if int(config.attention_pool) < 1 or int(config.attention_pool) % 2 == 0 or int(config.attention_window) < 1:
             raise ValueError("attention_pool must be odd and >= 1, attention_window >= 1")
-        if config.memory_read not in READS or int(config.read_chunks) < 1:
-            raise ValueError(f"memory_read must be one of {READS}, read_chunks >= 1")
+        if config.memory_read not in READS or int(config.read_chunks) < 1 or config.read_match not in MATCHES:
+            raise ValueError(f"memory_read must be one of {READS}, read_chunks >= 1, read_match one of {MATCHES}")
         if config.memory_read == "relevant" and config.drop_memory_per_layer:
             raise ValueError('memory_read="relevant" needs drop_memory_per_layer=False (chunks at the same slots)')
         config.max_inject_length = min(config.max_inject_length, config.num_tokens)
@@ -160,32 +169,40 @@ class TrainingFreeRanked(TrainingFree):
         (`relevant_read`); `None` when every row reads all (`memory_read="all"`, or nothing matched)."""
         if not self.reads_per_query:
             return None
+        folds = token_folds(model) if input_ids is not None and self.config.read_match == "folded" else None
         embeds = inputs_embeds if inputs_embeds is not None else model.model.embed_tokens(input_ids)  # [B, T, d]
         rows = embeds + model.new_memory_positional_emb.to(embeds.dtype)  # as an injection writes layer 0's rows
-        reads, tails = [], []
+        reads, tails, keys = [], [], []
         for row in range(rows.shape[0]):
-            tokens = rows[row] if attention_mask is None else rows[row][attention_mask[row].bool()]  # [T_row, d]
-            read, tail = self.relevant_read(states[row if len(states) > 1 else 0], tokens.detach())
+            kept = slice(None) if attention_mask is None else attention_mask[row].bool()
+            if folds is None:
+                tokens, groups = rows[row][kept].detach(), None  # [T_row, d]
+            else:
+                tokens, groups = folded_query(model, folds, input_ids[row][kept])  # [m, d], [m]
+            read, tail = self.relevant_read(states[row if len(states) > 1 else 0], tokens, groups)
             reads.append(read)
-            tails.append(tail)
+            tails.append(None if tail is None else tail[1])
+            keys.append(None if tail is None else tail[0])
         if all(read is None for read in reads):
             return None
         every = torch.ones(self.prefix_length(self.config), dtype=torch.bool)
         read = torch.stack([read if read is not None else every for read in reads])
-        return QueryRead(read, tails if any(tail is not None for tail in tails) else None)
+        restores = any(tail is not None for tail in tails)
+        return QueryRead(read, tails if restores else None, keys if restores else None)
 
-    def relevant_read(self, state, query_rows: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def relevant_read(self, state, query_rows: torch.Tensor, groups: torch.Tensor | None = None) -> tuple:
         """`([P] bool, rows)`: bos and the rows of the `read_chunks` chunks that best match `query_rows` `[T, d]`
-        (`chunk_relevance`, above 0), and `None`, or where one of those chunks lost rows that the archive holds,
-        those chunks whole `[L, n, d]` (`restored_chunks`) with the last `n` prefix rows to read them in. `None` (all)
-        when the memory and archive hold no more chunks than that, or none matches."""
+        (`chunk_relevance`, above 0; `groups`: see there), and `None`, or where one of those chunks lost rows that
+        the archive holds, `(chunks, rows)`: their numbers and the chunks whole `[L, n, d]` (`restored_chunks`),
+        with the last `n` prefix rows to read them in. `None` (all) when the memory and archive hold no more chunks
+        than that, or none matches."""
         if not self.reads(state):
             return None, None
         first_rows, owners = self.candidate_rows(state)  # [R, d], [R]
         ids = owners[owners != EMPTY_ROWS].unique()  # [C] ascending
         if len(ids) <= self.config.read_chunks:
             return None, None
-        relevance = chunk_relevance(first_rows, owners, ids, query_rows)  # [C]
+        relevance = chunk_relevance(first_rows, owners, ids, query_rows, groups)  # [C]
         best = relevance.topk(int(self.config.read_chunks))
         chosen = ids[best.indices[best.values > 0].cpu()].sort().values
         if len(chosen) == 0:
@@ -194,7 +211,7 @@ class TrainingFreeRanked(TrainingFree):
         tail = self.restored_chunks(state, chosen)
         if tail is not None:
             rows = state.memory.shape[1]
-            return torch.cat([bos, torch.arange(rows) >= rows - tail.shape[1]]), tail
+            return torch.cat([bos, torch.arange(rows) >= rows - tail.shape[1]]), (tuple(chosen.tolist()), tail)
         return torch.cat([bos, torch.isin(state.provenance[0], chosen) & self.visible(state)]), None
 
     def candidate_rows(self, state) -> tuple[torch.Tensor, torch.Tensor]:
@@ -324,19 +341,72 @@ def equal_rows(old: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, torc
     return fresh[same], seen[same]
 
 
-def chunk_relevance(first_rows: torch.Tensor, chunks: torch.Tensor, ids: torch.Tensor, query_rows: torch.Tensor):
+def chunk_relevance(
+    first_rows: torch.Tensor,
+    chunks: torch.Tensor,
+    ids: torch.Tensor,
+    query_rows: torch.Tensor,
+    groups: torch.Tensor | None = None,
+) -> torch.Tensor:
     """`[C]` float: for each chunk in `ids` `[C]`, the summed inverse chunk frequency (BM25's idf) of the distinct
     query tokens that it wrote. Tokens are compared as layer-0 rows: `first_rows` `[M, d]` (the memory's, written by
     `chunks` `[M]`) and `query_rows` `[T, d]`; every written row counts, repeated ones too (so an opening that every
-    framed text shares weighs next to nothing)."""
-    tokens = query_rows.to(first_rows.dtype).unique(dim=0)  # [u, d] distinct query tokens
-    token, row = (index.cpu() for index in equal_rows(first_rows.to(tokens.device), tokens))
+    framed text shares weighs next to nothing). With `groups` `[T]` (ascending ids from 0, one per query token), the
+    query rows of one group are one token: the forms of it that `read_match="folded"` matches (`folded_query`)."""
+    query_rows = query_rows.to(first_rows.dtype)
+    if groups is None:
+        query_rows = query_rows.unique(dim=0)  # [u, d] distinct query tokens
+        groups = torch.arange(query_rows.shape[0])
+    token, row = (index.cpu() for index in equal_rows(first_rows.to(query_rows.device), query_rows))
     written = chunks[row] != EMPTY_ROWS  # matches in written rows only
-    present = torch.zeros(tokens.shape[0], len(ids), dtype=torch.bool)  # [u, C]
-    present[token[written], torch.searchsorted(ids, chunks[row[written]])] = True
+    present = torch.zeros(int(groups.max()) + 1 if len(groups) else 0, len(ids), dtype=torch.bool)  # [u, C]
+    present[groups.cpu()[token[written]], torch.searchsorted(ids, chunks[row[written]])] = True
     frequency = present.sum(1, keepdim=True).float()  # [u, 1] chunks holding each token
     idf = torch.log1p((len(ids) - frequency + 0.5) / (frequency + 0.5))
     return (present.float() * idf).sum(0)
+
+
+# ----------------------------------------------------------------------------------------- read_match="folded"
+def fold_table(tokenizer, size: int) -> torch.Tensor:
+    """`[size]` int64: each token id's class, the smallest id whose text is the same once stripped of spaces and
+    case-folded (" Paris", "Paris", " PARIS" are one class). Special tokens, ids whose text is empty once stripped
+    or not whole characters (a byte-level piece of one), and ids beyond the tokenizer are their own class."""
+    count = min(len(tokenizer), size)
+    texts = tokenizer.batch_decode([[token] for token in range(count)])
+    special = set(tokenizer.all_special_ids)
+    first: dict[str, int] = {}
+    folds = list(range(size))
+    for token, text in enumerate(texts):
+        key = text.strip().casefold()
+        if key and "\ufffd" not in key and token not in special:
+            folds[token] = first.setdefault(key, token)
+    return torch.tensor(folds)
+
+
+def token_folds(model) -> torch.Tensor | None:
+    """`fold_table` of `model.tokenizer`, built once per tokenizer (kept on the model); `None`, with a warning, for
+    a model without a tokenizer (its queries then match exactly)."""
+    try:
+        tokenizer = model.tokenizer
+    except ValueError:
+        logger.warning_once('read_match="folded" needs model.tokenizer; without one, queries match tokens exactly.')
+        return None
+    cached = getattr(model, "_token_folds", None)
+    if cached is None or cached[0] is not tokenizer:
+        cached = (tokenizer, fold_table(tokenizer, model.get_input_embeddings().num_embeddings))
+        model._token_folds = cached
+    return cached[1]
+
+
+def folded_query(model, folds: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer-0 rows `[m, d]` of every token id in the class of one of the query's `ids` `[T]` (`folds` `[V]`),
+    and the group of each `[m]`: the rank of its class among the query's distinct classes."""
+    classes = folds[ids.cpu()].unique()  # [u] ascending
+    forms = torch.isin(folds, classes).nonzero()[:, 0]  # [m] every id of those classes
+    groups = torch.searchsorted(classes, folds[forms])  # [m] in [0, u)
+    embeds = model.model.embed_tokens(forms[None].to(model.model.embed_tokens.weight.device))  # [1, m, d]
+    rows = embeds + model.new_memory_positional_emb.to(embeds.dtype)  # as in `query_read`
+    return rows.reshape(len(forms), -1).detach(), groups
 
 
 @torch.no_grad()

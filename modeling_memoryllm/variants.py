@@ -63,10 +63,14 @@ class QueryRead:
         tail_rows (`list`, *optional*): per batch row, `None` or memory rows `[L, n, d]` that this query's cache
             holds in the prefix's last `n` slots instead of the memory's own (`read` covers those slots); the
             prefix cached on the state is left alone.
+        tail_keys (`list`, *optional*): per batch row, `None` or what names its tail rows within one memory version
+            (e.g. the chunks they hold), so that their keys/values are computed once per memory version
+            (`SharedPrefix.tails`); without one they are computed per query.
     """
 
     read: torch.Tensor
     tail_rows: list | None = None
+    tail_keys: list | None = None
 
 
 @dataclass(frozen=True)

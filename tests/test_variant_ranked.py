@@ -272,6 +272,25 @@ def test_a_query_reads_only_the_chunks_that_share_its_tokens():
 
 
 @torch.no_grad()
+def test_the_default_cache_holds_only_the_rows_read_and_pads_a_batch_to_the_longest():
+    model = relevant()
+    state = model.new_memory_state()
+    model.inject([[10, 11, 12], [20, 21, 22], [30, 31, 32]], memory=state)
+    ids = torch.tensor([[5, 21, 6], [0, 5, 6]])  # row 0 reads the second text; row 1 (left-padded) matches nothing
+    mask = torch.tensor([[1, 1, 1], [0, 1, 1]])
+    out = model(ids, attention_mask=mask, memory=state, use_cache=True)
+    torch.testing.assert_close(out.logits[:1], read_by_hand(model, state, ids[:1], [2]))
+    torch.testing.assert_close(out.logits[1:, 1:], relevant(memory_read="all")(ids[1:, 1:], memory=state).logits)
+    cache = out.past_key_values
+    assert cache.prefix_length == 1 + 9 < model.config.prefix_length  # the longest row: bos and every written row
+    assert cache.prefix_written[0].sum() == 1 + 3 and cache.prefix_written[1].all()
+    alone = model(ids[:1], memory=state, use_cache=True).past_key_values
+    assert alone.prefix_length == 1 + 3 and alone.layers[0].keys.shape[2] == 4 + 3  # bos, the chunk, the text
+    steps = model.generate(ids, attention_mask=mask, memory=state, max_new_tokens=3, do_sample=False)
+    assert torch.equal(steps[:1], model.generate(ids[:1], memory=state, max_new_tokens=3, do_sample=False))
+
+
+@torch.no_grad()
 def test_a_query_that_shares_no_token_reads_the_whole_memory():
     model = relevant(read_chunks=2)
     state = model.new_memory_state()
@@ -296,6 +315,67 @@ def test_chunk_relevance_sums_the_idf_of_the_shared_tokens():
     common = torch.tensor([1, 2, 3, 3, 3, -1])  # token 0 in chunk 1, 1 in 2, 2-4 in chunk 3
     relevance = chunk_relevance(rows, common, torch.tensor([1, 2, 3]), torch.eye(6)[[0, 2, 3]])
     torch.testing.assert_close(relevance, torch.stack([idf, torch.tensor(0.0), 2 * idf]))
+
+
+# ------------------------------------------------------------------------------------------ read_match="folded"
+def word_tokenizer():
+    """A real `PreTrainedTokenizerFast` over 64 words `w{i}` (ids 0, 1: `<s>`, `</s>`), with "Paris" (21),
+    "paris" (40), " PARIS" (41), a replacement character (42) and a lone space (43)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {f"w{i}": i for i in range(2, 64)} | {"<s>": 0, "</s>": 1}
+    special = {21: "Paris", 40: "paris", 41: " PARIS", 42: "\ufffd", 43: " "}
+    vocab = {word: i for word, i in words.items() if i not in special} | {word: i for i, word in special.items()}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w2"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>")
+
+
+def test_fold_table_joins_case_and_space_forms_only():
+    from modeling_memoryllm.variant_ranked import fold_table
+
+    folds = fold_table(word_tokenizer(), 70)
+    expected = torch.arange(70)
+    expected[[40, 41]] = 21  # "paris" and " PARIS" are "Paris"; the rest (special, "\ufffd", " ", ids >= 64) alone
+    torch.testing.assert_close(folds, expected)
+
+
+def test_chunk_relevance_counts_a_group_of_forms_once():
+    from modeling_memoryllm.variant_ranked import chunk_relevance
+
+    rows, chunks, ids = torch.eye(6), torch.tensor([1, 1, 2, 2, 3, -1]), torch.tensor([1, 2, 3])
+    # query token 0 has the forms 0 and 1 (both in chunk 1: counted once), token 1 the form 4 (chunk 3)
+    relevance = chunk_relevance(rows, chunks, ids, torch.eye(6)[[0, 1, 4]], torch.tensor([0, 0, 1]))
+    idf = torch.log1p(torch.tensor((3 - 1 + 0.5) / (1 + 0.5)))
+    torch.testing.assert_close(relevance, torch.stack([idf, torch.tensor(0.0), idf]))
+
+
+@torch.no_grad()
+def test_a_folded_query_reads_the_chunk_that_holds_another_case_of_its_token():
+    folded, exact = relevant(read_match="folded"), relevant()
+    folded.tokenizer = word_tokenizer()
+    state = folded.new_memory_state()
+    folded.inject([[10, 11, 12], [20, 21, 22], [30, 31, 32]], memory=state)  # the second text holds "Paris"
+    ids = torch.tensor([[5, 40, 6]])  # asks about "paris"
+    torch.testing.assert_close(folded(ids, memory=state).logits, read_by_hand(folded, state, ids, [2]))
+    # Matched exactly, "paris" is in no chunk: the whole memory is read.
+    torch.testing.assert_close(exact(ids, memory=state).logits, relevant(memory_read="all")(ids, memory=state).logits)
+    torch.testing.assert_close(
+        folded(torch.tensor([[5, 31, 6]]), memory=state).logits,
+        read_by_hand(folded, state, torch.tensor([[5, 31, 6]]), [3]),
+    )  # exact forms still match
+
+
+@torch.no_grad()
+def test_a_folded_read_without_a_tokenizer_matches_exactly(caplog):
+    model = relevant(read_match="folded")
+    state = model.new_memory_state()
+    model.inject([[10, 11, 12], [20, 21, 22], [30, 31, 32]], memory=state)
+    ids = torch.tensor([[5, 40, 6], [5, 21, 6]])
+    torch.testing.assert_close(model(ids, memory=state).logits, relevant()(ids, memory=state).logits)
+    with pytest.raises(ValueError, match="read_match"):
+        relevant(read_match="words")
 
 
 class _NoTokenizer:
@@ -407,14 +487,27 @@ def test_a_query_reads_a_chunk_the_memory_thinned_out_whole_from_the_archive():
     assert torch.equal(static, generated)
     again = model(ids, memory=state).logits  # the memory's own cached prefix was left alone
     torch.testing.assert_close(again, expected)
-    del static, again
-    import gc
+    cache = model(ids, memory=state, use_cache=True).past_key_values  # only the rows read: bos and the 3 restored
+    assert cache.prefix_length == 4 and cache.physical_length() == 7 and cache.get_seq_length() == 3
 
-    gc.collect()  # the earlier caches release their lease on the state's prefix
-    cache = model(ids, memory=state, use_cache=True).past_key_values  # the tail follows the prefix: no copy of it
-    prefix = state.prefix
-    assert cache.layers[0]._key_buffer.data_ptr() == prefix.key_buffers[0].data_ptr()
-    assert cache.prefix_length == prefix.length + 3 and cache.get_seq_length() == 3
+
+@torch.no_grad()
+def test_a_restored_chunk_is_projected_once_per_memory_version(monkeypatch):
+    from modeling_memoryllm import cache_memoryllm
+
+    model, state = archived()
+    ids = torch.tensor([[5, 11, 6]])  # the first text, thinned out
+    calls = []
+    project = cache_memoryllm.tail_key_values
+    monkeypatch.setattr(cache_memoryllm, "tail_key_values", lambda *args: calls.append(1) or project(*args))
+    first = model(ids, memory=state).logits
+    assert len(calls) == model.config.num_hidden_layers and list(state.prefix.tails) == [(1,)]
+    model(torch.tensor([[11, 7]]), memory=state)  # another query about the same chunk
+    assert len(calls) == model.config.num_hidden_layers  # the same chunk again: its keys/values were kept
+    torch.testing.assert_close(model(ids, memory=state).logits, first)
+    model.inject([[90, 91, 92]], memory=state)  # a new memory version: computed again
+    model(ids, memory=state)
+    assert len(calls) == 2 * model.config.num_hidden_layers
 
 
 @torch.no_grad()
