@@ -42,7 +42,7 @@ def test_default_is_training_free_and_cached(default_model, default_cache):
     config = default_model.config
     assert config.memory_variant == "training-free-ranked" and config.memory_drop == "random"
     assert config.memory_read == "relevant" and config.read_chunks == 1 and not config.drop_memory_per_layer
-    assert config.archive_rows == 8192
+    assert config.archive_rows == 8192 and config.read_match == "folded"
     assert config.num_tokens == 256 and config.memory_rows == 2048
     assert any(p.name.startswith("smollm2-135m-memoryllm-") for p in default_cache.iterdir())
     again = default.load_default()  # from the converted copy

@@ -156,6 +156,7 @@ VARIANTS = {
             "memory_read": "relevant",
             "read_chunks": 1,
             "archive_rows": 8192,
+            "read_match": "folded",
             "memory_drop": "random",
             "text_context": "own",
             "attention_score": "mean",
