@@ -111,10 +111,18 @@ def test_read_measure_times_a_restored_and_an_in_place_chunk(quick, tmp_path):
     assert result["first_text_rows_in_memory"] < read.TEXT_TOKENS  # the first text lost rows
     for point in result["by_query_tokens"]:
         assert point["restores"] == {"first": True, "last": False}
-        assert set(point["variants"]) == {"plain", "in_place", "restored", "whole_memory"}
-        floor = point["ratios"]["floor"]
-        assert floor["ratio"] > 1 and floor["restored_flops"] > floor["in_place_flops"]
-    assert [t["op"] for t in result["targets"]] == ["<=", "<="] and len(read.rows(result)) == 2
+        assert set(point["variants"]) == {"plain", "in_place", "restored_first", "restored_again", "whole_memory"}
+        rows = point["prefix_rows_read"]  # bos and one chunk, far fewer than the memory's rows
+        assert 1 < rows["in_place"] <= 1 + model.config.num_tokens < model.config.prefix_length
+        first, again = point["ratios"]["floors"]["first"], point["ratios"]["floors"]["again"]
+        config = model.config
+        kv_weights = (
+            2 * config.hidden_size * config.num_key_value_heads * config.hidden_size // config.num_attention_heads
+        )
+        projections = config.num_hidden_layers * 2 * min(read.TEXT_TOKENS, config.num_tokens) * kv_weights
+        assert first["restored_flops"] - again["restored_flops"] == projections
+        assert again["in_place_flops"] == first["in_place_flops"] and first["ratio"] > again["ratio"]
+    assert [t["op"] for t in result["targets"]] == ["<="] * 4 and len(read.rows(result)) == 4
 
 
 def test_soak_mode(tmp_path, capsys):
@@ -198,6 +206,9 @@ def test_floors_follow_the_shapes():
     assert recompute["recompute_flops"] - ttft["memory_flops"] == shape.layers * 2 * shape.prefix * kv_weights
     injection = floors.injection_floor(model, model.config.max_inject_length, 0.01)
     assert injection["ratio"] == injection["injection_flops"] / injection["plain_flops"] + 0.01
+    fewer = floors.ttft_floor(shape, 16, read=5)  # a query that reads 5 prefix rows (`memory_read: relevant`)
+    assert fewer["memory_flops"] - fewer["plain_flops"] == shape.layers * shape.attention_flops(16 * 5)
+    assert floors.decode_floor(shape, 10, read=5)["memory_bytes"] - decode["plain_bytes"] == shape.key_value_bytes(5)
 
 
 def test_a_target_on_a_ratio_over_its_floor_says_so_in_the_table():

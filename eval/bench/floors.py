@@ -102,19 +102,28 @@ def causal_pairs(queries: int, before: int = 0) -> float:
     return queries * before + queries * (queries + 1) / 2
 
 
-def ttft_floor(shape: Shape, query: int) -> dict:
-    """A prefill of `query` tokens with the prefix cached vs the plain backbone (last-position logits only)."""
+def ttft_floor(shape: Shape, query: int, read: int | None = None) -> dict:
+    """A prefill of `query` tokens with the prefix cached vs the plain backbone (last-position logits only); the
+    query attends to `read` prefix rows (default: all `P`; fewer with `memory_read: relevant`)."""
+    read = shape.prefix if read is None else read
     common = shape.layers * shape.layer_flops(query) + shape.head_flops(1)
     plain = common + shape.layers * shape.attention_flops(causal_pairs(query))
-    memory = common + shape.layers * shape.attention_flops(causal_pairs(query, shape.prefix))
-    return {"bound": "compute", "memory_flops": memory, "plain_flops": plain, "ratio": memory / plain}
+    memory = common + shape.layers * shape.attention_flops(causal_pairs(query, read))
+    return {
+        "bound": "compute",
+        "prefix_rows_read": read,
+        "memory_flops": memory,
+        "plain_flops": plain,
+        "ratio": memory / plain,
+    }
 
 
-def recompute_expectation(shape: Shape, query: int) -> dict:
-    """A prefill with the prefix recomputed per call (the original code) vs cached: the cached prefill plus the
-    prefix's key/value projections in every layer (`L * 2 * P * Wkv` FLOPs). Not a floor but the ratio the cache
-    saves at most if both run at the same rate: a target above it asks for more than the FLOPs allow."""
-    cached = ttft_floor(shape, query)["memory_flops"]
+def recompute_expectation(shape: Shape, query: int, read: int | None = None) -> dict:
+    """A prefill with the prefix recomputed per call (the original code) vs cached: the cached prefill (attending to
+    `read` rows) plus the whole prefix's key/value projections in every layer (`L * 2 * P * Wkv` FLOPs). Not a
+    floor but the ratio the cache saves at most if both run at the same rate: a target above it asks for more than
+    the FLOPs allow."""
+    cached = ttft_floor(shape, query, read)["memory_flops"]
     recomputed = cached + shape.layers * shape.key_value_flops(shape.prefix)
     return {"bound": "compute", "cached_flops": cached, "recompute_flops": recomputed, "ratio": recomputed / cached}
 
@@ -146,11 +155,19 @@ def injection_floor(model: MemoryLLMForCausalLM, tokens: int, memory_pass_share:
     }
 
 
-def decode_floor(shape: Shape, past: int) -> dict:
-    """A greedy decode step at batch 1 after `past` tokens: weights plus cached keys/values, prefix vs none."""
+def decode_floor(shape: Shape, past: int, read: int | None = None) -> dict:
+    """A greedy decode step at batch 1 after `past` tokens: weights plus cached keys/values, prefix (the `read` rows
+    the query attends to; default all `P`) vs none."""
+    read = shape.prefix if read is None else read
     plain = shape.weight_bytes() + shape.key_value_bytes(past)
-    memory = plain + shape.key_value_bytes(shape.prefix)
-    return {"bound": "bandwidth", "memory_bytes": memory, "plain_bytes": plain, "ratio": memory / plain}
+    memory = plain + shape.key_value_bytes(read)
+    return {
+        "bound": "bandwidth",
+        "prefix_rows_read": read,
+        "memory_bytes": memory,
+        "plain_bytes": plain,
+        "ratio": memory / plain,
+    }
 
 
 __all__ = ["Shape", "causal_pairs", "decode_floor", "injection_floor", "recompute_expectation", "ttft_floor"]

@@ -137,6 +137,16 @@ def prefill(model: MemoryLLMForCausalLM, ids: torch.Tensor, state: MemoryState) 
         model(ids, memory=state, logits_to_keep=1, **{CACHE_KWARG: MemoryPrefixCache()})
 
 
+def rows_read(model: MemoryLLMForCausalLM, ids: torch.Tensor, state: MemoryState) -> int:
+    """The prefix rows that the prefill of `ids` (its first batch row) attends to: every written row, or with
+    `memory_read: relevant` bos and its chunk (0 for a memory that is not read)."""
+    cache = MemoryPrefixCache()
+    with torch.inference_mode():
+        model(ids, memory=state, logits_to_keep=1, **{CACHE_KWARG: cache})
+    written = cache.prefix_written
+    return int(written[0].sum()) if written is not None else int(cache.prefix_length)
+
+
 def recompute_prefill(model: MemoryLLMForCausalLM, ids: torch.Tensor, state: MemoryState) -> None:
     """As the original model: the memory's keys/values are computed again on every call."""
     state.mark_changed()

@@ -35,7 +35,8 @@ def floor(value: dict | None) -> str:
     if value is None:
         return "–"
     kind = "bytes" if value["bound"] == "bandwidth" else "FLOPs"
-    return f"{value['ratio']:.2f} ({kind})"
+    rows = f", {value['prefix_rows_read']:,} prefix rows" if value.get("prefix_rows_read") is not None else ""
+    return f"{value['ratio']:.2f} ({kind}{rows})"
 
 
 def row(

@@ -10,7 +10,7 @@ from modeling_memoryllm.modeling_memoryllm import CACHE_KWARG
 
 from ..floors import Shape, decode_floor
 from ..timing import ratio, summary
-from .base import Bench, Context, Measure, target
+from .base import Bench, Context, Measure, rows_read, target
 from .cells import fmt, row
 
 
@@ -39,7 +39,7 @@ def measure_decode(bench: Bench, full: MemoryState) -> dict:
     speed = {name: bench.decode_tokens / summary(s)["median_s"] for name, s in samples.items()}
     time_ratio = ratio(speed["plain"], speed["memory"])
     past = bench.query_tokens + bench.decode_tokens // 2  # text rows a step attends to, on average
-    floor = decode_floor(Shape.of(model), past)
+    floor = decode_floor(Shape.of(model), past, rows_read(model, query, full))
     return {
         "description": "greedy decode steps (one token each, KV cache) after the prefill of the query",
         "decode_tokens": bench.decode_tokens,

@@ -7,7 +7,7 @@ from modeling_memoryllm import MemoryState
 
 from ..floors import Shape, recompute_expectation, ttft_floor
 from ..timing import ratio, summary
-from .base import Bench, Context, Measure, median, prefill, recompute_prefill, target
+from .base import Bench, Context, Measure, median, prefill, recompute_prefill, rows_read, target
 from .cells import fmt, ms, row
 
 
@@ -20,7 +20,7 @@ def measure_ttft(bench: Bench, state: MemoryState, stream: torch.Tensor, injecte
     samples = bench.time(
         {**_variants(model, query, state, plain), "in_context": lambda: prefill(model, context, plain)}
     )
-    ratios = _ttft_ratios(samples, Shape.of(model), bench.query_tokens)
+    ratios = _ttft_ratios(samples, Shape.of(model), bench.query_tokens, rows_read(model, query, state))
     ratios["in_context_vs_cached"] = ratio(median(samples["in_context"]), median(samples["cached"]))
     sweep = [_ttft_at(bench, state, tokens) for tokens in bench.sweep_query_tokens]
     return {
@@ -55,16 +55,16 @@ def _variants(model, query: torch.Tensor, state: MemoryState, plain: MemoryState
     }
 
 
-def _ttft_ratios(samples: dict[str, list[float]], shape: Shape, tokens: int) -> dict:
-    """The measured ratios of a query of `tokens` tokens, with the floor of cached / plain and the FLOP expectation
-    of recomputed / cached (`floors.recompute_expectation`)."""
+def _ttft_ratios(samples: dict[str, list[float]], shape: Shape, tokens: int, read: int) -> dict:
+    """The measured ratios of a query of `tokens` tokens that attends to `read` prefix rows, with the floor of
+    cached / plain and the FLOP expectation of recomputed / cached (`floors.recompute_expectation`)."""
     med = {name: median(s) for name, s in samples.items()}
     cached_vs_plain = ratio(med["cached"], med["plain"])
-    floor = ttft_floor(shape, tokens)
+    floor = ttft_floor(shape, tokens, read)
     return {
         "cached_vs_plain": cached_vs_plain,
         "recompute_vs_cached": ratio(med["recompute"], med["cached"]),
-        "recompute_expected": recompute_expectation(shape, tokens),
+        "recompute_expected": recompute_expectation(shape, tokens, read),
         "floor": floor,
         "cached_vs_plain_vs_floor": ratio(cached_vs_plain, floor["ratio"]),
     }
@@ -73,8 +73,9 @@ def _ttft_ratios(samples: dict[str, list[float]], shape: Shape, tokens: int) -> 
 def _ttft_at(bench: Bench, state: MemoryState, tokens: int) -> dict:
     """Plain, cached and recomputed TTFT for a query of `tokens` tokens (the ratios depend on the query length)."""
     model = bench.model
-    samples = bench.time(_variants(model, bench.query(tokens), state, model.new_memory_state()))
-    ratios = _ttft_ratios(samples, Shape.of(model), tokens)
+    query = bench.query(tokens)
+    samples = bench.time(_variants(model, query, state, model.new_memory_state()))
+    ratios = _ttft_ratios(samples, Shape.of(model), tokens, rows_read(model, query, state))
     return {"query_tokens": tokens, "variants": {k: summary(s) for k, s in samples.items()}, **ratios}
 
 
