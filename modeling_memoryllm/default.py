@@ -9,7 +9,8 @@ Memory rule: `training-free-ranked` (`variant_ranked.py`): every text is written
 key/value cache), the opening that chat-framed texts share is read once, and a full memory drops old rows at
 random (`memory_drop: "random"`, the same rows in every layer; the variant's attention drop, measured against it on
 part-a, lost), and a question reads only bos and the one chunk that shares the most of its rare tokens
-(`memory_read: "relevant"`, `read_chunks: 1`), placed right before it, whole from the memory's archive of chunks
+(`memory_read: "relevant"`, `read_chunks: 1`; tokens compared case- and space-folded, `read_match: "folded"`),
+placed right before it, whole from the memory's archive of chunks
 where the memory dropped some of its rows (`archive_rows: 8192`, up to 32 chunks of 256 rows, 566 MB in float32
 on the CPU at most). Texts are injected and questions asked with the chat framing of `serving.framing_for`.
 """

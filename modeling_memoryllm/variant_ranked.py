@@ -40,7 +40,10 @@ Config options (read from the config; defaults in brackets):
         many rows per layer (the oldest chunks leave first; 0: none), as M+ keeps the rows its memory drops. A query
         then chooses among every chunk the memory or the archive holds, and one whose chunk lost rows to the drop
         (or left the memory) reads it whole from the archive, at the prefix's last positions, in this query's cache only
-        (`QueryRead.tail_rows`); the memory itself and its cached prefix stay as they are.
+        (`QueryRead.tail_rows`, its keys/values projected once per memory version: `QueryRead.tail_keys`); the memory
+        itself and its cached prefix stay as they are.
+
+The default cache (`MemoryPrefixCache`) then holds only the rows a query reads (`cache_memoryllm.attach_read_rows`).
 
 The released rules (`memoryllm-8b`, `memoryllm-7b`, `training-free`) are untouched.
 """
