@@ -201,8 +201,7 @@ class TrainingFreeRanked(TrainingFree):
         than that, or none matches."""
         if not self.reads(state):
             return None, None
-        first_rows, owners = self.candidate_rows(state)  # [R, d], [R]
-        ids = owners[owners != EMPTY_ROWS].unique()  # [C] ascending
+        first_rows, owners, ids = self.read_candidates(state)  # [R, d], [R], [C]
         if len(ids) <= self.config.read_chunks:
             return None, None
         relevance = chunk_relevance(first_rows, owners, ids, query_rows, groups)  # [C]
@@ -216,6 +215,18 @@ class TrainingFreeRanked(TrainingFree):
             rows = state.memory.shape[1]
             return torch.cat([bos, torch.arange(rows) >= rows - tail.shape[1]]), (tuple(chosen.tolist()), tail)
         return torch.cat([bos, torch.isin(state.provenance[0], chosen) & self.visible(state)]), None
+
+    def read_candidates(self, state) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`candidate_rows` and the chunk numbers among them `[C]` ascending, kept on `state` for its memory version
+        (outside autograd), so that a prefill does not gather the archive's rows again."""
+        cached = getattr(state, "_read_candidates", None)
+        if cached is not None and cached[0] == state.version and cached[1].device == state.memory.device:
+            return cached[1:]
+        rows, owners = self.candidate_rows(state)
+        cached = (state.version, rows, owners, owners[owners != EMPTY_ROWS].unique())
+        if not rows.requires_grad:
+            state._read_candidates = cached
+        return cached[1:]
 
     def candidate_rows(self, state) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer-0 rows `[R, d]` of every chunk a query may choose, and the chunk of each `[R]`: the archive's

@@ -511,6 +511,29 @@ def test_a_restored_chunk_is_projected_once_per_memory_version(monkeypatch):
 
 
 @torch.no_grad()
+def test_the_chunks_a_query_chooses_among_are_gathered_once_per_memory_version(monkeypatch):
+    model, state = archived()
+    calls = []
+    gather = TrainingFreeRanked.candidate_rows
+    monkeypatch.setattr(TrainingFreeRanked, "candidate_rows", lambda self, s: calls.append(1) or gather(self, s))
+    ids = torch.tensor([[5, 11, 6]])
+    model(ids, memory=state)
+    torch.testing.assert_close(
+        model(torch.tensor([[5, 81, 6]]), memory=state).logits,
+        read_by_hand(model, state, torch.tensor([[5, 81, 6]]), [8]),
+    )
+    assert len(calls) == 1
+    model.inject([[90, 91, 92]], memory=state)  # a new version: the new chunk is a candidate
+    torch.testing.assert_close(
+        model(torch.tensor([[5, 91, 6]]), memory=state).logits,
+        read_by_hand(model, state, torch.tensor([[5, 91, 6]]), [9]),
+    )
+    assert len(calls) == 2
+    model(ids, memory=state)
+    assert len(calls) == 2
+
+
+@torch.no_grad()
 def test_a_batch_restores_per_row_and_an_intact_chunk_is_read_in_place():
     model, state = archived()
     ids = torch.tensor([[5, 11, 6], [81, 7, 82]])  # the first text (thinned out), the last (intact)
