@@ -492,10 +492,10 @@ def cache_with_prefix(
 
 def attach_read_rows(model, cache: "MemoryPrefixCache", prefixes: list[SharedPrefix], read, batch_size: int) -> None:
     """Start `cache` with only the prefix rows the query reads (`QueryRead`), gathered into buffers of its own: per
-    batch row its chosen written rows, or bos and its tail rows (`[L, n, d]`, whose keys/values are computed here,
-    at positions `P - n .. P - 1`), each key at its own position; shorter rows are padded with unread slots. The
-    text positions follow the last row read (`P` after a tail), as in `apply_query_read`, but attention and every
-    decoding step only touch the rows read."""
+    batch row its chosen written rows, or bos and its tail rows (`[L, n, d]`, whose keys/values at positions
+    `P - n .. P - 1` come from `tail_layers`), each key at its own position; shorter rows are padded with unread
+    slots. The text positions follow the last row read (`P` after a tail), as in `apply_query_read`, but attention
+    and every decoding step only touch the rows read."""
     length, bos = prefixes[0].length, int(model.config.add_bos_embedding)
     written = written_mask(prefixes, batch_size)
     chosen = read.read.clone() if written is None else written.to(read.read.device) & read.read  # [B, P]
