@@ -508,10 +508,11 @@ def attach_read_rows(model, cache: "MemoryPrefixCache", prefixes: list[SharedPre
         slots.append(chosen[row].nonzero()[:, 0])
     counts = [len(taken) + (0 if tail is None else tail.shape[1]) for taken, tail in zip(slots, tails)]
     width = max(counts)
-    tail_kv = [tail_layers(model, prefixes[row if len(prefixes) > 1 else 0], read, row) for row in range(batch_size)]
+    row_prefixes = [prefixes[row if len(prefixes) > 1 else 0] for row in range(batch_size)]
+    tail_kv = [tail_layers(model, prefix, read, row) for row, prefix in enumerate(row_prefixes)]
     layers = []
     for idx in range(len(prefixes[0].key_buffers)):
-        keys, values = _read_rows(idx, prefixes, slots, [kv and kv[idx] for kv in tail_kv], width)
+        keys, values = _read_rows(idx, row_prefixes, slots, [kv and kv[idx] for kv in tail_kv], width)
         layer = PrefixLayer()
         layer.attach(keys, values, width)
         layers.append(layer)
@@ -521,15 +522,15 @@ def attach_read_rows(model, cache: "MemoryPrefixCache", prefixes: list[SharedPre
     cache.position_shift = width - starts
 
 
-def _read_rows(idx: int, prefixes: list[SharedPrefix], slots: list, tails: list, width: int):
-    """Layer `idx`'s buffers `[B, Hkv, width + SPARE_ROWS, hd]` for `attach_read_rows`: per batch row, the prefix's
+def _read_rows(idx: int, row_prefixes: list[SharedPrefix], slots: list, tails: list, width: int):
+    """Layer `idx`'s buffers `[B, Hkv, width + SPARE_ROWS, hd]` for `attach_read_rows`: per batch row, its prefix's
     keys/values at `slots[row]`, then the tail's `tails[row]` (`([Hkv, n, hd], [Hkv, n, hd])` or `None`), then unread
     zeros."""
-    first_keys, _ = prefixes[0].layer(idx)
+    first_keys, _ = row_prefixes[0].layer(idx)
     shape = (len(slots), first_keys.shape[1], width + SPARE_ROWS, first_keys.shape[3])
     keys, values = first_keys.new_zeros(shape), first_keys.new_zeros(shape)
-    for row, (taken, tail) in enumerate(zip(slots, tails)):
-        prefix_keys, prefix_values = prefixes[row if len(prefixes) > 1 else 0].layer(idx)  # [1, Hkv, P, hd]
+    for row, (prefix, taken, tail) in enumerate(zip(row_prefixes, slots, tails)):
+        prefix_keys, prefix_values = prefix.layer(idx)  # [1, Hkv, P, hd]
         taken = taken.to(prefix_keys.device)
         keys[row, :, : len(taken)], values[row, :, : len(taken)] = prefix_keys[0, :, taken], prefix_values[0, :, taken]
         if tail is not None:

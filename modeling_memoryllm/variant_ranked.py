@@ -173,13 +173,12 @@ class TrainingFreeRanked(TrainingFree):
         if not self.reads_per_query:
             return None
         folds = token_folds(model) if input_ids is not None and self.config.read_match == "folded" else None
-        embeds = inputs_embeds if inputs_embeds is not None else model.model.embed_tokens(input_ids)  # [B, T, d]
-        rows = embeds + model.new_memory_positional_emb.to(embeds.dtype)  # as an injection writes layer 0's rows
+        rows = None if folds is not None else first_layer_rows(model, input_ids, inputs_embeds)  # [B, T, d]
         reads, tails, keys = [], [], []
-        for row in range(rows.shape[0]):
+        for row in range(len(input_ids if input_ids is not None else inputs_embeds)):
             kept = slice(None) if attention_mask is None else attention_mask[row].bool()
             if folds is None:
-                tokens, groups = rows[row][kept].detach(), None  # [T_row, d]
+                tokens, groups = rows[row][kept], None  # [T_row, d]
             else:
                 tokens, groups = folded_query(model, folds, input_ids[row][kept])  # [m, d], [m]
             read, tail = self.relevant_read(states[row if len(states) > 1 else 0], tokens, groups)
@@ -255,7 +254,7 @@ class TrainingFreeRanked(TrainingFree):
             else state.memory[:, (state.provenance[0] == number).to(state.memory.device)]
             for number, rows in zip(chosen.tolist(), archived)
         ]
-        return torch.cat(parts, dim=1)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # one chunk: the archive's own rows, no copy
 
     # ------------------------------------------------------------------------------------------------- update
     def visible(self, state) -> torch.Tensor:
@@ -418,9 +417,14 @@ def folded_query(model, folds: torch.Tensor, ids: torch.Tensor) -> tuple[torch.T
     classes = folds[ids.cpu()].unique()  # [u] ascending
     forms = torch.isin(folds, classes).nonzero()[:, 0]  # [m] every id of those classes
     groups = torch.searchsorted(classes, folds[forms])  # [m] in [0, u)
-    embeds = model.model.embed_tokens(forms[None].to(model.model.embed_tokens.weight.device))  # [1, m, d]
-    rows = embeds + model.new_memory_positional_emb.to(embeds.dtype)  # as in `query_read`
-    return rows.reshape(len(forms), -1).detach(), groups
+    return first_layer_rows(model, forms[None].to(model.model.embed_tokens.weight.device))[0], groups
+
+
+def first_layer_rows(model, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    """`[B, T, d]`, detached: the rows an injection of these tokens writes into layer 0 (embedding + `e`), which
+    `chunk_relevance` compares with the memory's."""
+    embeds = inputs_embeds if inputs_embeds is not None else model.model.embed_tokens(input_ids)
+    return (embeds + model.new_memory_positional_emb.to(embeds.dtype)).detach()
 
 
 @torch.no_grad()

@@ -131,18 +131,24 @@ def median(samples: list[float]) -> float:
 
 
 # ------------------------------------------------------------------------------------------------------ calls
-def prefill(model: MemoryLLMForCausalLM, ids: torch.Tensor, state: MemoryState) -> None:
-    """Generate's first step: one forward over the prompt into a fresh prefix cache, last-position logits only."""
+def prefilled_cache(model: MemoryLLMForCausalLM, ids: torch.Tensor, state: MemoryState) -> MemoryPrefixCache:
+    """Generate's first step: one forward over the prompt into a fresh prefix cache, last-position logits only;
+    returns the cache."""
+    cache = MemoryPrefixCache()
     with torch.inference_mode():
-        model(ids, memory=state, logits_to_keep=1, **{CACHE_KWARG: MemoryPrefixCache()})
+        model(ids, memory=state, logits_to_keep=1, **{CACHE_KWARG: cache})
+    return cache
+
+
+def prefill(model: MemoryLLMForCausalLM, ids: torch.Tensor, state: MemoryState) -> None:
+    """`prefilled_cache` as a timed call: the cache is freed inside the call, as `generate` frees it."""
+    prefilled_cache(model, ids, state)
 
 
 def rows_read(model: MemoryLLMForCausalLM, ids: torch.Tensor, state: MemoryState) -> int:
     """The prefix rows that the prefill of `ids` (its first batch row) attends to: every written row, or with
     `memory_read: relevant` bos and its chunk (0 for a memory that is not read)."""
-    cache = MemoryPrefixCache()
-    with torch.inference_mode():
-        model(ids, memory=state, logits_to_keep=1, **{CACHE_KWARG: cache})
+    cache = prefilled_cache(model, ids, state)
     written = cache.prefix_written
     return int(written[0].sum()) if written is not None else int(cache.prefix_length)
 

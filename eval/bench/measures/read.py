@@ -100,7 +100,10 @@ def measure_at(bench: Bench, state, texts: torch.Tensor, tokens: int) -> dict:
         "first": restore_floor(shape, tokens, restored, in_place, projected=chunk),
         "again": restore_floor(shape, tokens, restored, in_place),
     }
-    ratios = {f"restored_{kind}_vs_in_place": ratio(med[f"restored_{kind}"], med["in_place"]) for kind in floors}
+    ratios = {}
+    for kind, floor in floors.items():
+        ratios[f"restored_{kind}_vs_in_place"] = ratio(med[f"restored_{kind}"], med["in_place"])
+        ratios[f"restored_{kind}_vs_in_place_vs_floor"] = ratio(ratios[f"restored_{kind}_vs_in_place"], floor["ratio"])
     return {
         "query_tokens": tokens,
         "restores": {"first": restores(model, state, about_first), "last": restores(model, state, about_last)},
@@ -111,7 +114,6 @@ def measure_at(bench: Bench, state, texts: torch.Tensor, tokens: int) -> dict:
             "in_place_vs_whole_memory": ratio(med["in_place"], med["whole_memory"]),
             "in_place_vs_plain": ratio(med["in_place"], med["plain"]),
             "floors": floors,
-            **{f"{name}_vs_floor": ratio(value, floors[name.split("_")[1]]["ratio"]) for name, value in ratios.items()},
         },
     }
 
