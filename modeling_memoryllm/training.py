@@ -250,7 +250,9 @@ def train(
     heldout = None
     if config.eval_every and os.path.exists(config.heldout):
         heldout = ChunkSampler(tokenize_books(core, config.heldout), config.chunk_length, config.seed)
-    return run_steps(config, core, optimizer, accelerator, sampler, output, start, heldout)
+    log = run_steps(config, core, optimizer, accelerator, sampler, output, start, heldout)
+    accelerator.end_training()  # destroys the process group: without it a gloo worker could abort at exit (CI, once)
+    return log
 
 
 def prepare(accelerator, optimizer):
