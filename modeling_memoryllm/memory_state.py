@@ -109,6 +109,7 @@ class MemoryState:
         self.injections = int(injections)
         self.version = 0
         self._prefix = None  # the reading prefix derived from this memory version: see `cached_prefix`
+        self._derived = {}  # other values derived from this memory version: see `derived`
 
     @classmethod
     def bound_to(cls, memory: torch.Tensor, flag: torch.Tensor, like: "MemoryState | None" = None) -> "MemoryState":
@@ -156,6 +157,7 @@ class MemoryState:
         """Call after changing `memory` in place by hand, so that cached prefixes are recomputed."""
         self.version += 1
         self._prefix = None
+        self._derived = {}
 
     # ---------------------------------------------------------------------------------------- derived prefix
     @property
@@ -173,6 +175,17 @@ class MemoryState:
         """Cache `prefix` (with attribute `key`) for this memory version and `key`."""
         prefix.key = (self.version, *key)
         self._prefix = prefix
+
+    def derived(self, key: tuple, compute):
+        """`compute()`, computed once per memory version and `key` and kept until the memory changes. A variant
+        keeps here what it reads from the memory on every query (e.g. a ranked read's candidate chunks); the key
+        names everything else the value depends on (e.g. the device). Call it outside autograd only."""
+        kept = self._derived.get(key)
+        if kept is not None and kept[0] == self.version:
+            return kept[1]
+        value = compute()
+        self._derived[key] = (self.version, value)
+        return value
 
     # ------------------------------------------------------------------------------------------------ updates
     def tiled(self, delta: torch.Tensor, injection: int) -> "MemoryState":
@@ -265,10 +278,10 @@ class MemoryState:
         self.assign(torch.zeros_like(self.memory), initialized=False)
 
     def __deepcopy__(self, memo) -> "MemoryState":
-        """A deep copy of everything but the cached prefix (derived from the memory; the copy computes its own)."""
+        """A deep copy of everything but the cached prefix and derived values (the copy computes its own)."""
         new = self.__class__.__new__(self.__class__)
         memo[id(self)] = new
-        skip = {"_prefix": None}
+        skip = {"_prefix": None, "_derived": {}}
         new.__dict__.update({k: skip[k] if k in skip else copy.deepcopy(v, memo) for k, v in self.__dict__.items()})
         return new
 

@@ -216,16 +216,17 @@ class TrainingFreeRanked(TrainingFree):
         return torch.cat([bos, torch.isin(state.provenance[0], chosen) & self.visible(state)]), None
 
     def read_candidates(self, state) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`candidate_rows` and the chunk numbers among them `[C]` ascending, kept on `state` for its memory version
-        (outside autograd), so that a prefill does not gather the archive's rows again."""
-        cached = getattr(state, "_read_candidates", None)
-        if cached is not None and cached[0] == state.version and cached[1].device == state.memory.device:
-            return cached[1:]
-        rows, owners = self.candidate_rows(state)
-        cached = (state.version, rows, owners, owners[owners != EMPTY_ROWS].unique())
-        if not rows.requires_grad:
-            state._read_candidates = cached
-        return cached[1:]
+        """`candidate_rows` and the chunk numbers among them `[C]` ascending. Outside autograd they are kept on
+        `state` for its memory version (`MemoryState.derived`), so that a prefill does not gather the archive's rows
+        again."""
+
+        def candidates():
+            rows, owners = self.candidate_rows(state)  # [R, d], [R]
+            return rows, owners, owners[owners != EMPTY_ROWS].unique()
+
+        if torch.is_grad_enabled() and state.memory.requires_grad:
+            return candidates()
+        return state.derived(("read_candidates", state.memory.device), candidates)
 
     def candidate_rows(self, state) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer-0 rows `[R, d]` of every chunk a query may choose, and the chunk of each `[R]`: the archive's

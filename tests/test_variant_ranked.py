@@ -558,3 +558,22 @@ def test_files_keep_the_archive(tmp_path):
     tensors["archive_chunks"][1, 0] += 1  # counts that do not add up to the rows
     with pytest.raises(ValueError, match="add up"):
         _archive_of("memory.safetensors", tensors, state.memory)
+
+
+def test_a_value_derived_from_the_memory_is_kept_until_the_memory_changes_and_not_copied():
+    import copy
+
+    state = MemoryState(torch.zeros(2, 4, 3))
+    computed = []
+
+    def compute():
+        computed.append(1)
+        return state.memory.sum() + len(computed)
+
+    first = state.derived(("total",), compute)
+    assert state.derived(("total",), compute) is first and len(computed) == 1
+    twin = copy.deepcopy(state)
+    assert twin._derived == {} and twin.derived(("total",), lambda: torch.tensor(-1.0)) == -1
+    state.memory += 1
+    state.mark_changed()
+    assert state.derived(("total",), compute) == 24 + 2 and len(computed) == 2
