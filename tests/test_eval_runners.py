@@ -298,7 +298,14 @@ def test_card_writes_the_model_index(tmp_path):
         25.0,
     )
     assert entries[-1].dataset_split == "part-b" and entries[-1].metric_value == 52.0
+    assert first.dataset_args == {"max_answer_tokens": 3} and first.metric_args == {"samples": 8}
     assert card.text == huggingface_hub.ModelCard.load(source).text
+    longer = {**retention, "config": {"split": "dev", "max_answer_tokens": 6}}  # other questions replace them all
+    paths[0].write_text(json.dumps({**longer, "aggregates": {"memory": {"accuracy_by_k": {"0": 0.5}}}}))
+    assert eval_main.main(["card", str(paths[0]), "--card", str(card_path)]) == 0
+    results = huggingface_hub.ModelCard.load(card_path).data.eval_results
+    part_a = [(e.dataset_args, e.metric_value) for e in results if e.dataset_split == "part-a"]
+    assert part_a == [({"max_answer_tokens": 6}, 50.0)] and len(results) == published + 4 + 1
 
 
 def test_main_dispatch(monkeypatch, capsys):

@@ -3,7 +3,9 @@
 Each result JSON written by a runner becomes `EvalResult` entries (task type text-generation) in the card's YAML
 metadata, through `huggingface_hub`'s `ModelCard` / `ModelCardData` (1.x and 2.x); which entries, each benchmark
 says (`Benchmark.card_entries`). Entries already in the card for the same task, dataset, split and metric are
-replaced; others are kept. Only the memory model's own numbers go in (baselines stay in the result files).
+replaced, and so are those of the same task, dataset and split that select other questions (`dataset_args`, one per
+group in the model-index: e.g. retention's `max_answer_tokens`); others are kept.
+Only the memory model's own numbers go in (baselines stay in the result files).
 """
 
 import argparse
@@ -57,12 +59,21 @@ def eval_results(results: dict) -> list[EvalResult]:
 
 
 def _key(result: EvalResult) -> tuple:
-    return (result.task_type, result.dataset_type, result.dataset_config, result.dataset_split, result.metric_name)
+    """What a result is of: its group in the model-index (task, dataset, config, split, revision) and its metric."""
+    return (*result.unique_identifier, result.metric_name)
 
 
 def merge(existing: list[EvalResult] | None, new: list[EvalResult]) -> list[EvalResult]:
+    """`existing` without the results that `new` replaces, then `new`. The model-index keeps one `dataset_args` per
+    group (e.g. retention's `max_answer_tokens`), so a group's results of another selection of questions go too."""
     replaced = {_key(result) for result in new}
-    return [r for r in existing or [] if _key(r) not in replaced] + new
+    selections = {result.unique_identifier: result.dataset_args for result in new}
+
+    def stale(result: EvalResult) -> bool:
+        group = result.unique_identifier
+        return _key(result) in replaced or (group in selections and result.dataset_args != selections[group])
+
+    return [result for result in existing or [] if not stale(result)] + new
 
 
 # ------------------------------------------------------------------------------------------------------------ run

@@ -266,8 +266,12 @@ class Retention(Benchmark):
     def card_entries(self, results: dict, memory: dict) -> list[CardEntry]:
         config = results["config"]
         dataset_type, dataset_name = CARD_DATASETS[results["benchmark"]]
-        metric_args = {"max_answer_tokens": config.get("max_answer_tokens"), "samples": len(results["samples"])}
-        fields = {"metric_args": metric_args, "dataset_type": dataset_type, "dataset_name": dataset_name}
+        fields = {
+            "metric_args": {"samples": len(results["samples"])},
+            "dataset_args": {"max_answer_tokens": config.get("max_answer_tokens")},  # which questions
+            "dataset_type": dataset_type,
+            "dataset_name": dataset_name,
+        }
         name = "Retention accuracy after {} unrelated injections (%)"
         nll_name = "Gold-answer NLL after {} unrelated injections (nats/token, lower is better)"
         entries = [
