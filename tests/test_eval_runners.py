@@ -308,6 +308,23 @@ def test_card_writes_the_model_index(tmp_path):
     assert part_a == [({"max_answer_tokens": 6}, 50.0)] and len(results) == published + 4 + 1
 
 
+def test_the_published_model_index_is_what_the_committed_part_b_results_give():
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    from eval.runners import card
+
+    results = ROOT / "eval" / "results" / "issue17"
+    files = [results / f"retention-{name}-default-heldout-answers6.json" for name in ("squad", "nq")]
+    expected = [entry for path in files for entry in card.eval_results(json.loads(path.read_text()))]
+    source = ROOT / "hub_configs" / "smollm2-135m-memoryllm" / "README.md"
+    published = huggingface_hub.ModelCard.load(source).data.eval_results
+
+    def entry(result) -> str:
+        fields = ("dataset_type", "dataset_split", "dataset_args", "metric_name", "metric_value", "metric_args")
+        return repr([getattr(result, field) for field in fields])
+
+    assert len(expected) == 24 and sorted(map(entry, published)) == sorted(map(entry, expected))
+
+
 def test_main_dispatch(monkeypatch, capsys):
     assert eval_main.main(["--help"]) == 0
     assert eval_main.main(["nonsense"]) == 2
