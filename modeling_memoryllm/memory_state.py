@@ -179,13 +179,11 @@ class MemoryState:
     def derived(self, key: tuple, compute):
         """`compute()`, computed once per memory version and `key` and kept until the memory changes. A variant
         keeps here what it reads from the memory on every query (e.g. a ranked read's candidate chunks); the key
-        names everything else the value depends on (e.g. the device). Call it outside autograd only."""
-        kept = self._derived.get(key)
-        if kept is not None and kept[0] == self.version:
-            return kept[1]
-        value = compute()
-        self._derived[key] = (self.version, value)
-        return value
+        names everything else the value depends on (e.g. the device). Call it outside autograd only. (Only
+        `mark_changed` changes the version, and it empties this store.)"""
+        if key not in self._derived:
+            self._derived[key] = compute()
+        return self._derived[key]
 
     # ------------------------------------------------------------------------------------------------ updates
     def tiled(self, delta: torch.Tensor, injection: int) -> "MemoryState":
