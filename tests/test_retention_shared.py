@@ -97,3 +97,13 @@ def test_a_variant_reading_the_last_rows_shares_nothing():
     model.inject([60, 61, 32], memory=state)
     tracks, states = shared.inject(0, [shared.track(state)], [state], [torch.Generator().manual_seed(0)])
     assert shared.counts == {"shared": 0, "direct": 1} and states[0] is state
+
+
+def test_no_texts_to_share_leaves_every_memory_as_it_is():
+    """`--ks 0` alone: no unrelated contexts, so nothing is computed and a memory is read as injected."""
+    model = ranked_model()
+    shared = SharedTexts(model, [])
+    state = model.new_memory_state()
+    model.inject([60, 61, 32], memory=state)
+    assert not shared.enabled and shared.track(state) is None
+    assert shared.states([shared.track(state)], [state])[0] is state

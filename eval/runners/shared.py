@@ -119,7 +119,7 @@ class SharedTexts:
     def __init__(self, model, texts: list[list[int]], share: bool = True):
         self.model, self.texts, self.variant = model, texts, model.variant
         methods = ("continues_text", "updated", "marked")
-        self.enabled = share and all(hasattr(self.variant, name) for name in methods)
+        self.enabled = share and bool(texts) and all(hasattr(self.variant, name) for name in methods)  # none: k = 0
         self.writes: list[tuple[bool, list]] = []  # per text: (shareable, [(first pool row, rows, scores)])
         self.counts = {"shared": 0, "direct": 0}  # chunk writes taken from the shared rows / computed per memory
         if self.enabled:
@@ -141,7 +141,7 @@ class SharedTexts:
                 pool.append(delta.cpu())
                 state = self.variant.updated(state, delta, scores, state.injections + 1)
             self.writes.append((shareable, chunks))
-        self.rows = torch.cat(pool, dim=1) if pool else torch.zeros(0)
+        self.rows = torch.cat(pool, dim=1)  # [L, R, d]: at least one text (`enabled`)
         self.keys, self.values = self.kv.of(self.rows)
         bos = model.bos_embedding if model.bos_embedding is not None else self.rows[:, :0]
         self.bos_keys, self.bos_values = self.kv.of(bos.detach())
