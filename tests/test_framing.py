@@ -132,3 +132,16 @@ def test_later_texts_continue_the_turn_unless_the_variant_writes_texts_apart(gol
     apart.inject = lambda texts, memory=None, **options: calls.append(texts)
     serving.inject_framed(apart, written, ["a", "b"], frame)
     assert calls == [["<<a>>", "<<b>>"]]
+
+
+def test_the_tuning_candidates_are_chat_framings_and_current_is_the_shipped_one():
+    from eval.framing_tuning import CANDIDATES, CONTEXT_QA_SYSTEM, candidate_framing
+
+    tokenizer = ChatTokenizer()
+    assert candidate_framing(tokenizer, CANDIDATES["current"]) == serving.framing_for(tokenizer)
+    sysbare = candidate_framing(tokenizer, CANDIDATES["sysbare"])
+    turn = [{"role": "system", "content": CONTEXT_QA_SYSTEM}, {"role": "user", "content": "C.\n\nQ?"}]
+    assert sysbare.text("C.") + sysbare.question("Q?") == tokenizer.apply_chat_template(turn, True, False)
+    assert not sysbare.text("C.").startswith(SYSTEM) and sysbare.question("Q?", after_text=False).endswith(
+        "Q?" + ("<|im_end|>\n<|im_start|>assistant\n")
+    )
