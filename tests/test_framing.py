@@ -142,6 +142,5 @@ def test_the_tuning_candidates_are_chat_framings_and_current_is_the_shipped_one(
     sysbare = candidate_framing(tokenizer, CANDIDATES["sysbare"])
     turn = [{"role": "system", "content": CONTEXT_QA_SYSTEM}, {"role": "user", "content": "C.\n\nQ?"}]
     assert sysbare.text("C.") + sysbare.question("Q?") == tokenizer.apply_chat_template(turn, True, False)
-    assert not sysbare.text("C.").startswith(SYSTEM) and sysbare.question("Q?", after_text=False).endswith(
-        "Q?" + ("<|im_end|>\n<|im_start|>assistant\n")
-    )
+    assert not sysbare.text("C.").startswith(SYSTEM)
+    assert sysbare.question("Q?", after_text=False).endswith("Q?<|im_end|>\n<|im_start|>assistant\n")
