@@ -6,7 +6,8 @@ or a pad id means the same in all of them.
 
 Framing (`Framing`, `framing_for`): how an injected text is written and how a later question reads it, one pair.
 For a chat model (`"chat"`, the default when the tokenizer has a chat template) every injected text is written as
-the opening of a user turn of the template, `<system turn><user opener>Context: {text}`, and a question closes
+the opening of a user turn of the template under a context-QA system turn (`CONTEXT_QA_SYSTEM`, chosen on part-a),
+`<system turn><user opener>Context: {text}`, and a question closes
 the turn of the last text: `\n\nQuestion: {question}<end of turn><assistant opener>`. The memory then holds what
 the model reads in a prompt with the context in front of the question (in the training-free mode the memory of a
 text is, in effect, its key/value cache). Each framed text is self-contained (it opens its own conversation), so
@@ -98,6 +99,8 @@ FRAMINGS = ("chat", "raw")
 CONTEXT_LABEL = "Context: "  # opens an injected text inside the user turn
 QUESTION_LABEL = "\n\nQuestion: "  # a question after an injected text, in the same turn
 TEXT_SEPARATOR = "\n\n"  # before a later text that continues the user turn of the texts before it
+# The system turn of a chat turn that holds an injected text (chosen on part-a: eval/framing_tuning.py).
+CONTEXT_QA_SYSTEM = "You answer questions about a text. Answer briefly, using the text's own words."
 _SLOT = "\x00memoryllm-slot\x00"  # stands for the content when a chat template is split around it
 
 
@@ -139,12 +142,45 @@ def _split_around_slot(prompt: str) -> tuple[str, str]:
     return head, tail
 
 
+def user_turn_around(tokenizer, system: str | None = None) -> tuple[str, str]:
+    """The prompt before and after a user message's content, `(<system turn><user opener>, <end of turn><assistant
+    opener>)`, with `system` as the system turn (None: the template's own). A template that refuses a system turn
+    keeps its own (logged)."""
+    if system is None:
+        return _split_around_slot(chat_prompt(tokenizer, _SLOT, answer_prefix=""))
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": _SLOT}]
+    try:
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception as error:  # jinja's TemplateError from `raise_exception`, or any template's own
+        logger.warning("The chat template refuses a system turn (%s): the framing keeps the template's own.", error)
+        return user_turn_around(tokenizer)
+    return _split_around_slot(prompt)
+
+
+def chat_framing(
+    tokenizer,
+    system: str | None = CONTEXT_QA_SYSTEM,
+    context_label: str = CONTEXT_LABEL,
+    question_label: str = QUESTION_LABEL,
+    name: str = "chat",
+) -> Framing:
+    """A chat framing for `tokenizer`: a text opens a user turn, `<system turn><user opener>{context_label}{text}`,
+    later texts continue it (`TEXT_SEPARATOR`), and a question closes it, `{question_label}{question}<end of turn>
+    <assistant opener>`. `system` is the system turn of a turn with text (None: the template's own); a question
+    with no memory is a plain chat turn (`chat_prompt`: the template's own system turn)."""
+    head, tail = user_turn_around(tokenizer, system)
+    plain_head, plain_tail = user_turn_around(tokenizer)
+    return Framing(
+        name, head + context_label, question_label, tail, plain_head, plain_tail, later_text_head=TEXT_SEPARATOR
+    )
+
+
 def framing_for(tokenizer, name: "str | Framing | None" = None) -> Framing:
     """
-    The framing `name` for `tokenizer`: `"chat"` (the default when the tokenizer has a chat template) writes a text
-    as the opening of a user turn, `"<system turn><user opener>Context: {text}"`, and a question closes that turn,
-    `"\n\nQuestion: {question}<end of turn><assistant opener>"`; `"raw"` injects the text as it is and asks with
-    `chat_prompt`. A `Framing` is returned as it is.
+    The framing `name` for `tokenizer`: `"chat"` (the default when the tokenizer has a chat template, see
+    `chat_framing`) writes a text as the opening of a user turn, `"<context-QA system turn><user opener>Context:
+    {text}"`, and a question closes that turn, `"\n\nQuestion: {question}<end of turn><assistant opener>"`;
+    `"raw"` injects the text as it is and asks with `chat_prompt`. A `Framing` is returned as it is.
     """
     if isinstance(name, Framing):
         return name
@@ -156,10 +192,10 @@ def framing_for(tokenizer, name: "str | Framing | None" = None) -> Framing:
         if name == "chat":
             raise ValueError("framing='chat' needs a tokenizer with a chat template: use framing='raw'.")
         return Framing("raw", "", "Questions: ", " Answer:", "Questions: ", " Answer:", takes_answer_prefix=False)
-    head, tail = _split_around_slot(chat_prompt(tokenizer, _SLOT, answer_prefix=""))
     if name == "raw":
+        head, tail = user_turn_around(tokenizer)
         return Framing("raw", "", head, tail, head, tail)
-    return Framing("chat", head + CONTEXT_LABEL, QUESTION_LABEL, tail, head, tail, later_text_head=TEXT_SEPARATOR)
+    return chat_framing(tokenizer)
 
 
 def question_prompt(
@@ -363,6 +399,7 @@ __all__ = [
     "Framing",
     "answer",
     "answer_stream",
+    "chat_framing",
     "chat_prompt",
     "continues_turn",
     "finished_answer",
@@ -377,4 +414,5 @@ __all__ = [
     "question_prompt",
     "resolve_dtype",
     "token_chunks",
+    "user_turn_around",
 ]

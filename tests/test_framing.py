@@ -34,21 +34,48 @@ def golden():
     return golden_with_tokenizer()
 
 
+QA_SYSTEM = f"<|im_start|>system\n{serving.CONTEXT_QA_SYSTEM}<|im_end|>\n"
+
+
 def test_chat_framing_opens_a_user_turn_that_the_question_closes():
     frame = serving.framing_for(ChatTokenizer())
     assert frame.name == "chat"
     assert frame.text("The museum was founded in 1902.") == (
-        SYSTEM + "<|im_start|>user\nContext: The museum was founded in 1902."
+        QA_SYSTEM + "<|im_start|>user\nContext: The museum was founded in 1902."
     )
     assert frame.question("Who founded it?", "Answer:") == (
         "\n\nQuestion: Who founded it?<|im_end|>\n<|im_start|>assistant\nAnswer:"
     )
     # The memory then holds what the model reads with the context in its prompt, in the same framing.
-    in_prompt = serving.chat_prompt(ChatTokenizer(), "Context: C.\n\nQuestion: Q?", answer_prefix="")
+    turn = [
+        {"role": "system", "content": serving.CONTEXT_QA_SYSTEM},
+        {"role": "user", "content": "Context: C.\n\nQuestion: Q?"},
+    ]
+    in_prompt = ChatTokenizer().apply_chat_template(turn, add_generation_prompt=True)
     assert frame.text("C.") + frame.question("Q?") == in_prompt
-    # With no memory the question is a plain chat turn.
+    # With no memory the question is a plain chat turn, under the template's own system turn.
     assert frame.question("Q?", after_text=False) == serving.chat_prompt(ChatTokenizer(), "Q?", answer_prefix="")
+    assert frame.question("Q?", after_text=False).startswith(SYSTEM)
     assert serving.question_prompt(ChatTokenizer(), "Q?") == frame.question("Q?")
+    assert serving.chat_framing(ChatTokenizer(), system=None).text("C.") == SYSTEM + "<|im_start|>user\nContext: C."
+
+
+class NoSystemTokenizer(ChatTokenizer):
+    """A template that refuses a system turn (as some Mistral and Gemma templates do)."""
+
+    def apply_chat_template(self, messages, add_generation_prompt=False, tokenize=True):
+        if messages[0]["role"] == "system":
+            raise ValueError("Conversation roles must alternate user/assistant/user/assistant/...")
+        return super().apply_chat_template(messages, add_generation_prompt, tokenize)
+
+
+def test_a_template_that_refuses_a_system_turn_keeps_its_own():
+    tokenizer = NoSystemTokenizer()
+    frame = serving.framing_for(tokenizer)
+    assert frame.text("C.") == SYSTEM + "<|im_start|>user\nContext: C."
+    assert frame.text("C.") + frame.question("Q?") == serving.chat_prompt(
+        tokenizer, "Context: C.\n\nQuestion: Q?", answer_prefix=""
+    )
 
 
 def test_raw_framing_keeps_the_text_and_the_earlier_prompts():
@@ -134,13 +161,14 @@ def test_later_texts_continue_the_turn_unless_the_variant_writes_texts_apart(gol
     assert calls == [["<<a>>", "<<b>>"]]
 
 
-def test_the_tuning_candidates_are_chat_framings_and_current_is_the_shipped_one():
-    from eval.framing_tuning import CANDIDATES, CONTEXT_QA_SYSTEM, candidate_framing
+def test_the_tuning_candidates_are_chat_framings_and_system_is_the_shipped_one():
+    from eval.framing_tuning import CANDIDATES, candidate_framing
 
     tokenizer = ChatTokenizer()
-    assert candidate_framing(tokenizer, CANDIDATES["current"]) == serving.framing_for(tokenizer)
+    assert candidate_framing(tokenizer, CANDIDATES["system"]) == serving.framing_for(tokenizer)
+    assert candidate_framing(tokenizer, CANDIDATES["template"]).text("C.") == SYSTEM + "<|im_start|>user\nContext: C."
     sysbare = candidate_framing(tokenizer, CANDIDATES["sysbare"])
-    turn = [{"role": "system", "content": CONTEXT_QA_SYSTEM}, {"role": "user", "content": "C.\n\nQ?"}]
+    turn = [{"role": "system", "content": serving.CONTEXT_QA_SYSTEM}, {"role": "user", "content": "C.\n\nQ?"}]
     assert sysbare.text("C.") + sysbare.question("Q?") == tokenizer.apply_chat_template(turn, True, False)
     assert not sysbare.text("C.").startswith(SYSTEM)
-    assert sysbare.question("Q?", after_text=False).endswith("Q?<|im_end|>\n<|im_start|>assistant\n")
+    assert sysbare.question("Q?", after_text=False) == serving.chat_prompt(tokenizer, "Q?", answer_prefix="")

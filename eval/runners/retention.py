@@ -3,7 +3,7 @@
 For each sample: its context (cut to `--context-tokens`) goes into a fresh memory, then the first k contexts of one
 fixed list of unrelated contexts (the same list for every sample), and the question is asked. Texts and questions
 are framed by `serving.framing_for` (`--framing`): for chat models by default each text opens a user turn of the
-chat template ("Context: ...") and the question closes the turn of the last text, with "Answer:" opening the
+chat template ("Context: ...", under the context-QA system turn `serving.CONTEXT_QA_SYSTEM`) and the question closes the turn of the last text, with "Answer:" opening the
 reply; `raw` injects the bare text and asks with the chat template (or the paper's `"Questions: {question}
 Answer:"`). Scored by greedy generation (gold answer as a substring) and by the teacher-forced NLL of the gold
 answer. Baselines in the same run: the model with an empty memory (no injection; the question as a plain chat
