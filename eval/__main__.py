@@ -1,6 +1,6 @@
 """`python -m eval <command> ...` from a checkout, `python -m memoryllm_eval <command> ...` once installed: a
 benchmark runner (retention, editing, longbench), card (results -> model card), merge (a run's shards as one
-result) or bench (speed and memory)."""
+result), subset (a retention run's questions with shorter answers) or bench (speed and memory)."""
 
 import importlib
 import sys
@@ -11,6 +11,7 @@ from .runners import BENCHMARKS
 
 COMMANDS = {**{name: f".runners.{module}" for name, module in BENCHMARKS.items()}, "card": ".runners.card"}
 COMMANDS["merge"] = ".runners.merge"  # a run's shards (`--offset`) as one result
+COMMANDS["subset"] = ".runners.subset"  # a retention run's questions with shorter answers
 COMMANDS["bench"] = ".bench.run"  # its own command line, imported only when asked for
 USAGE = f"usage: {COMMAND} {{{','.join(COMMANDS)}}} [--help] ..."
 

@@ -362,9 +362,9 @@ def test_retention_shards_merge_into_the_whole_run(tokenizer_dir, tmp_path):
     )
     merged = json.loads(out.read_text())
     assert out.with_suffix(".png").exists()
-    merged_samples = sorted(merged["samples"], key=lambda sample: sample["index"])
-    assert [s["id"] for s in merged_samples] == [s["id"] for s in sorted(whole["samples"], key=lambda s: s["index"])]
-    for got, want in zip(merged_samples, sorted(whole["samples"], key=lambda sample: sample["index"])):
+    merged_samples = sorted(merged["samples"], key=lambda sample: sample["id"])
+    assert [s["id"] for s in merged_samples] == sorted(s["id"] for s in whole["samples"])
+    for got, want in zip(merged_samples, sorted(whole["samples"], key=lambda sample: sample["id"])):
         for k in ("0", "1"):  # other batches: the same tokens, scores equal up to padding's rounding
             assert got["memory"][k]["prediction"] == want["memory"][k]["prediction"]
             assert got["memory"][k]["answer_nll"] == pytest.approx(want["memory"][k]["answer_nll"], abs=1e-5)
@@ -375,6 +375,37 @@ def test_retention_shards_merge_into_the_whole_run(tokenizer_dir, tmp_path):
     assert merged["config"]["limit"] == 5 and merged["config"]["shard_limits"] == [2, 3]
     with pytest.raises(ValueError, match="overlap"):
         eval_main.main(["merge", str(tmp_path / "shard0.json"), str(tmp_path / "shard0.json"), "--out", str(out)])
+
+
+def test_retention_subset_of_shorter_answers_is_the_run_with_that_limit(tokenizer_dir, tmp_path):
+    """`eval subset --max-answer-tokens 8` of a whole run at 14 gives the questions, outputs and aggregates of the run
+    at 8 (the fixture data: every eligible question fits in the limit)."""
+    argv = ["--data-dir", str(ROOT / "tests" / "data" / "eval_data"), "--ks", "0,1", "--batch-size", "4"]
+    runs = {}
+    for tokens in (14, 8):
+        out = tmp_path / f"run{tokens}.json"
+        runs[tokens] = run_cli(["retention", *golden_args(tokenizer_dir, out), *argv, "--limit", "1000",
+                                "--max-answer-tokens", str(tokens)], out)  # fmt: skip
+    out = tmp_path / "subset.json"
+    assert eval_main.main(["subset", str(tmp_path / "run14.json"), "--max-answer-tokens", "8", "--out", str(out)]) == 0
+    cut, direct = json.loads(out.read_text()), runs[8]
+    assert 0 < len(direct["samples"]) < len(runs[14]["samples"])  # the limit leaves some questions out
+    assert sorted(s["id"] for s in cut["samples"]) == sorted(s["id"] for s in direct["samples"])
+    by_id = {s["id"]: s for s in direct["samples"]}
+    for sample in cut["samples"]:
+        assert sample["memory"]["1"]["prediction"] == by_id[sample["id"]]["memory"]["1"]["prediction"]
+    for condition in ("memory", "no_injection", "in_context"):
+        got, want = cut["aggregates"][condition], direct["aggregates"][condition]
+        assert got["accuracy_by_k"] == want["accuracy_by_k"] and got["count_by_k"] == want["count_by_k"]
+        assert got["nll_by_k"] == pytest.approx(want["nll_by_k"], abs=1e-5)
+    assert cut["config"]["max_answer_tokens"] == 8 and cut["config"]["subset_of"]["max_answer_tokens"] == 14
+    assert out.with_suffix(".png").exists()
+    with pytest.raises(ValueError, match="not 20"):
+        eval_main.main(["subset", str(tmp_path / "run14.json"), "--max-answer-tokens", "20", "--out", str(out)])
+    limited = tmp_path / "limited.json"
+    run_cli(["retention", *golden_args(tokenizer_dir, limited), *argv, "--max-answer-tokens", "14"], limited)
+    with pytest.raises(ValueError, match="left questions out"):
+        eval_main.main(["subset", str(limited), "--max-answer-tokens", "8", "--out", str(out)])
 
 
 @needs_data

@@ -43,11 +43,6 @@ def merged(shards: list[dict]) -> dict:
     keys = [(sample.get("id"), sample.get("index")) for sample in samples]
     if len(set(keys)) != len(keys):
         raise ValueError("the shards overlap: a sample appears twice")
-    benchmark = benchmark_of(first)
-    args = SimpleNamespace(**first["config"])
-    baselines = common.baselines(args)
-    conditions = (["memory"] if first["config"].get("memory_model") else []) + baselines
-    run = SimpleNamespace(args=args, baselines=baselines, conditions=conditions)  # what `aggregate` reads of a Run
     timings = {}
     for shard in shards:
         for phase, seconds in shard.get("timings", {}).items():
@@ -57,10 +52,29 @@ def merged(shards: list[dict]) -> dict:
     return {
         "benchmark": first["benchmark"],
         "config": {**first["config"], **counts, "offset": 0, "limit": len(samples), "shard_limits": limits},
-        "aggregates": benchmark.aggregate(run, samples),
+        "aggregates": aggregates(first, samples),
         "samples": samples,
         "timings": timings,
     }
+
+
+def aggregates(result: dict, samples: list[dict]) -> dict:
+    """The aggregates of `samples` under `result`'s benchmark and configuration (its own `aggregate`)."""
+    args = SimpleNamespace(**result["config"])
+    baselines = common.baselines(args)
+    conditions = (["memory"] if result["config"].get("memory_model") else []) + baselines
+    run = SimpleNamespace(args=args, baselines=baselines, conditions=conditions)  # what `aggregate` reads of a Run
+    return benchmark_of(result).aggregate(run, samples)
+
+
+def written(results: dict, out: str, what: str) -> None:
+    """`results` written to `out`, its plot beside it and its summary printed (`what`: where its samples came from)."""
+    path = common.write_results(pathlib.Path(out), results)
+    benchmark = benchmark_of(results)
+    split = results["config"].get("split", "dev")
+    png = benchmark.plot(results, path, f"{results['benchmark']}: {results['config']['model_name']} ({split})")
+    benchmark.summary(results)
+    print(f"wrote {path} and {png} ({len(results['samples'])} samples from {what})")
 
 
 def summed(counts: list[dict]) -> dict:
@@ -71,10 +85,5 @@ def summed(counts: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     results = merged([json.loads(pathlib.Path(path).read_text()) for path in args.shards])
-    path = common.write_results(pathlib.Path(args.out), results)
-    benchmark = benchmark_of(results)
-    split = results["config"].get("split", "dev")
-    png = benchmark.plot(results, path, f"{results['benchmark']}: {results['config']['model_name']} ({split})")
-    benchmark.summary(results)
-    print(f"wrote {path} and {png} ({len(results['samples'])} samples from {len(args.shards)} shards)")
+    written(results, args.out, f"{len(args.shards)} shards")
     return 0

@@ -3,16 +3,18 @@
 For each sample: its context (cut to `--context-tokens`) goes into a fresh memory, then the first k contexts of one
 fixed list of unrelated contexts (the same list for every sample), and the question is asked. Texts and questions
 are framed by `serving.framing_for` (`--framing`): for chat models by default each text opens a user turn of the
-chat template ("Context: ...", under the context-QA system turn `serving.CONTEXT_QA_SYSTEM`) and the question closes the turn of the last text, with "Answer:" opening the
-reply; `raw` injects the bare text and asks with the chat template (or the paper's `"Questions: {question}
-Answer:"`). Scored by greedy generation (gold answer as a substring) and by the teacher-forced NLL of the gold
-answer. Baselines in the same run: the model with an empty memory (no injection; the question as a plain chat
-turn), and with the context in the prompt (the same token ids as the memory holds, then the question).
+chat template ("Context: ...", under the context-QA system turn `serving.CONTEXT_QA_SYSTEM`) and the question
+closes the turn of the last text, with "Answer:" opening the reply; `raw` injects the bare text and asks with the
+chat template (or the paper's `"Questions: {question} Answer:"`). Scored by greedy generation (gold answer as a
+substring) and by the teacher-forced NLL of the gold answer. Baselines in the same run: the model with an empty
+memory (no injection; the question as a plain chat turn), and with the context in the prompt (the same token ids as
+the memory holds, then the question).
 
 Where the variant writes each text on its own (`training-free-ranked`), the unrelated contexts' rows are computed
 once per run and written into every sample's memory with its own drop (`shared.SharedTexts`). Questions about the
 same context (SQuAD has several per paragraph) are batched together and share one memory of it, whose drop draws
-are seeded by the context's number (`context_index`), so a batched run equals an unbatched one.
+are seeded by the context's number (`context_index`, its place in the seed's fixed order of all contexts), so a
+batched run equals an unbatched one, and a question's outputs do not depend on which other questions a run holds.
 """
 
 import dataclasses
@@ -44,7 +46,9 @@ def select(records: list[dict], subject: common.Subject, args) -> tuple[list[dic
     """The fixed unrelated contexts, then `--limit` samples with short gold answers whose context is not one of them.
 
     Both orders are fixed by the seed alone: the first `max(UNRELATED_RESERVE, max k)` contexts of a shuffled list
-    are set aside, so `--limit n` takes the first n samples of the same order whatever the limit or `--ks`.
+    are set aside, so `--limit n` takes the first n samples of the same order whatever the limit or `--ks`. A
+    context's number (`context_index`, which seeds its memory's draws) is its place in that list, so a question gets
+    the same draws whatever the other questions of the run (`--max-answer-tokens`, `--limit`, `--offset`).
     """
     contexts = list(dict.fromkeys(record["context"] for record in records))
     random.Random(args.seed + 1).shuffle(contexts)
@@ -60,9 +64,9 @@ def select(records: list[dict], subject: common.Subject, args) -> tuple[list[dic
     random.Random(args.seed).shuffle(eligible)
     end = None if args.limit is None else args.offset + args.limit
     chosen = eligible[args.offset : end]  # a shard of the fixed order (`--offset`)
-    numbers = {context: rank for rank, context in enumerate(dict.fromkeys(r["context"] for r in eligible))}
+    numbers = {context: rank for rank, context in enumerate(contexts)}  # whatever the filter, limit or shard
     for record in chosen:
-        record["context_index"] = numbers[record["context"]]  # the same in every shard
+        record["context_index"] = numbers[record["context"]]
     return sorted(chosen, key=lambda r: r["context_index"]), contexts[:needed]  # a context's questions together
 
 
