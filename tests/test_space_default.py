@@ -69,3 +69,36 @@ def test_a_visitors_own_passage_is_answered_from_the_memory_and_compare_shows_th
     print(f"with memory: {answer!r}; without: {without!r}")
     assert "Ilse Varga" in answer and "Varga" not in without
     assert ends_as_promised(answer) and ends_as_promised(without), (answer, without)
+
+
+VISITOR_QUESTIONS = [  # every question asked of the visitor's passage, and what a right answer names
+    ("Who founded the Kestrelmoor ship museum?", ("Varga",)),  # the issue's own question (the expected failure above)
+    ("When was the Kestrelmoor ship museum founded?", ("1902",)),
+    ("Where does the Kestrelmoor ship museum stand?", ("quay",)),
+    ("How many models does the Kestrelmoor ship museum hold?", ("forty", "40")),
+    ("Whose figurehead does the Kestrelmoor ship museum hold?", ("Marit",)),
+    ("What did Ilse Varga collect?", ("ship models",)),
+]
+
+
+def test_a_visitors_own_passage_answers_most_questions_from_the_memory_and_none_without():
+    """Measured: 4 of these 6 questions are answered from the memory through the Space's own path (48 new tokens,
+    both columns), and none from the empty memory. The issue's "Who founded ...?" is not among the 4."""
+    from modeling_memoryllm.default import DefaultModelMissing, load_default
+
+    try:
+        model = load_default()
+    except DefaultModelMissing as error:
+        pytest.skip(str(error))
+    with running_app(model) as (url, _):
+        client = Client(url, verbose=False)
+        client.predict(VISITOR_PASSAGE, api_name="/inject")
+        right, right_without = [], []
+        for question, names in VISITOR_QUESTIONS:
+            history, plain, _ = client.predict(question, True, [], [], api_name="/ask")
+            answer, without = history[-1]["content"][0]["text"], plain[-1]["content"][0]["text"]
+            print(f"{question} -> {answer!r}; without: {without!r}")
+            right.append(any(name in answer for name in names))
+            right_without.append(any(name in without for name in names))
+            assert ends_as_promised(answer) and ends_as_promised(without), (answer, without)
+    assert sum(right) >= 4 and not any(right_without), (right, right_without)
