@@ -152,7 +152,7 @@ def user_turn_around(tokenizer, system: str | None = None) -> tuple[str, str]:
     try:
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     except Exception as error:  # jinja's TemplateError from `raise_exception`, or any template's own
-        logger.warning("The chat template refuses a system turn (%s): the framing keeps the template's own.", error)
+        logger.warning_once(f"The chat template refuses a system turn ({error}): the framing keeps the template's own.")
         return user_turn_around(tokenizer)
     return _split_around_slot(prompt)
 

@@ -69,9 +69,11 @@ class NoSystemTokenizer(ChatTokenizer):
         return super().apply_chat_template(messages, add_generation_prompt, tokenize)
 
 
-def test_a_template_that_refuses_a_system_turn_keeps_its_own():
+def test_a_template_that_refuses_a_system_turn_keeps_its_own(caplog):
     tokenizer = NoSystemTokenizer()
-    frame = serving.framing_for(tokenizer)
+    with caplog.at_level("WARNING"):
+        frame = serving.framing_for(tokenizer)
+    assert "refuses a system turn" in caplog.text
     assert frame.text("C.") == SYSTEM + "<|im_start|>user\nContext: C."
     assert frame.text("C.") + frame.question("Q?") == serving.chat_prompt(
         tokenizer, "Context: C.\n\nQuestion: Q?", answer_prefix=""
