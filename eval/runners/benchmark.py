@@ -147,8 +147,14 @@ class Benchmark:
         """Parse, run, write the JSON and the PNG beside it, print a summary."""
         args = self.build_parser().parse_args(argv)
         results = self.run(args, subject)
-        path = common.write_results(common.out_path(args, results), results)
-        png = self.plot(results, path, f"{results['benchmark']}: {results['config']['model_name']} ({args.split})")
-        self.summary(results)
+        path, png = self.write(results, common.out_path(args, results))
         print(f"wrote {path} and {png}")
         return 0
+
+    def write(self, results: dict, path: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+        """`results` written to `path` with its plot beside it, and its summary printed: the JSON's and PNG's paths."""
+        path = common.write_results(path, results)
+        split = results["config"].get("split", "dev")
+        png = self.plot(results, path, f"{results['benchmark']}: {results['config']['model_name']} ({split})")
+        self.summary(results)
+        return path, png

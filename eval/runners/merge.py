@@ -67,16 +67,6 @@ def aggregates(result: dict, samples: list[dict]) -> dict:
     return benchmark_of(result).aggregate(run, samples)
 
 
-def written(results: dict, out: str, what: str) -> None:
-    """`results` written to `out`, its plot beside it and its summary printed (`what`: where its samples came from)."""
-    path = common.write_results(pathlib.Path(out), results)
-    benchmark = benchmark_of(results)
-    split = results["config"].get("split", "dev")
-    png = benchmark.plot(results, path, f"{results['benchmark']}: {results['config']['model_name']} ({split})")
-    benchmark.summary(results)
-    print(f"wrote {path} and {png} ({len(results['samples'])} samples from {what})")
-
-
 def summed(counts: list[dict]) -> dict:
     """Per key, the sum of the shards' counts."""
     return {key: sum(count.get(key, 0) for count in counts) for key in dict.fromkeys(k for c in counts for k in c)}
@@ -85,5 +75,6 @@ def summed(counts: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     results = merged([json.loads(pathlib.Path(path).read_text()) for path in args.shards])
-    written(results, args.out, f"{len(args.shards)} shards")
+    path, png = benchmark_of(results).write(results, pathlib.Path(args.out))
+    print(f"wrote {path} and {png} ({len(results['samples'])} samples from {len(args.shards)} shards)")
     return 0

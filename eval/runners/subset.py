@@ -14,7 +14,8 @@ import pathlib
 
 from ..paths import COMMAND
 from . import common
-from .merge import aggregates, written
+from .card import benchmark_of
+from .merge import aggregates
 from .retention import answer_ids
 
 
@@ -50,5 +51,6 @@ def main(argv: list[str] | None = None) -> int:
     config = results["config"]
     subject = common.load_subject(config["model"], config.get("tokenizer"), "cpu", "float32")
     cut = subset(results, args.max_answer_tokens, lambda answer: len(answer_ids(subject, answer)))
-    written(cut, args.out, f"{len(results['samples'])} of {pathlib.Path(args.result).name}")
+    path, png = benchmark_of(cut).write(cut, pathlib.Path(args.out))
+    print(f"wrote {path} and {png} ({len(cut['samples'])} of the {len(results['samples'])} samples of {args.result})")
     return 0
